@@ -1,0 +1,162 @@
+"""``python -m rlhf_exp``: compose -> check -> dispatch to the runner of ``phase.name``.
+
+Only Hydra, OmegaConf and our config package are imported here; torch, transformers and TRL are
+imported by the runner, after the config has been checked. ``--help``, ``--cfg`` and ``dry_run=true``
+therefore stay fast and never load a model.
+
+Before handing the command line to Hydra we compose it once ourselves (the preflight): Hydra's own
+errors for a misspelled key suggest ``+key=...``, which would add the typo silently; ours name the key,
+the valid ones and the fix, in one or two lines, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from rlhf_exp.config.errors import CONF_DIR, ConfigError, translate
+from rlhf_exp.config.schema import register_configs
+from rlhf_exp.config.validate import validate
+
+register_configs()
+
+EXIT_CONFIG_ERROR = 2
+
+
+def fail(message: str) -> None:
+    print(f"rlhf_exp: error: {message}", file=sys.stderr)
+    sys.exit(EXIT_CONFIG_ERROR)
+
+
+def _override_variants(overrides: list[str], multirun: bool) -> list[list[str]]:
+    """Override lists to compose. Under -m each swept value is checked once (others at their first)."""
+    if not multirun:
+        return [overrides]
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    choices: list[list[str]] = []
+    for override in parsed:
+        if override.is_sweep_override():
+            key = override.get_key_element()
+            choices.append([f"{key}={value}" for value in override.sweep_string_iterator()])
+        else:
+            choices.append([override.input_line])
+    variants = [[c[0] for c in choices]]
+    for i, c in enumerate(choices):
+        for value in c[1:]:
+            variants.append([v[0] if j != i else value for j, v in enumerate(choices)])
+    return variants
+
+
+def _phase_choice(overrides: list[str]) -> str | None:
+    for o in overrides:
+        key, _, value = o.lstrip("+~").partition("=")
+        if key == "phase":
+            return value
+    return None
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """Compose ``conf/config.yaml`` with overrides, raising ConfigError with a readable message."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    try:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="rlhf_exp"):
+            return hydra_compose(config_name="config", overrides=overrides)
+    except Exception as exc:  # Hydra/OmegaConf raise many types; all become one readable line
+        from hydra.errors import OverrideParseException
+
+        if isinstance(exc, OverrideParseException):
+            raise ConfigError(str(exc).splitlines()[0] + " (check the override's syntax)") from exc
+        raise ConfigError(translate(exc, _phase_choice(overrides) or "sft")) from exc
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def preflight(overrides: list[str], multirun: bool, check_rules: bool) -> None:
+    for variant in itertools.islice(_override_variants(overrides, multirun), 64):
+        cfg = compose(variant)
+        if check_rules:
+            validate(cfg)
+
+
+def _hydra_flags(argv: list[str]):
+    from hydra._internal.utils import get_args_parser
+
+    return get_args_parser().parse_args(argv)
+
+
+def run_job(cfg: DictConfig):
+    """The Hydra task: runs inside the run folder Hydra created; returns the objective for sweepers."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from rlhf_exp.tracking.lineage import resolve_parents
+
+    try:
+        validate(cfg)
+        if cfg.dry_run:
+            from rlhf_exp.plan import print_plan
+
+            print_plan(cfg)
+            return None
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        parents = resolve_parents(cfg)
+        if cfg.hardware.num_processes * cfg.hardware.num_nodes > 1:
+            from rlhf_exp.launch.distributed import check_multiprocess_launch
+
+            check_multiprocess_launch(cfg)
+        from rlhf_exp.runners import get_runner
+
+        runner = get_runner(cfg.phase.name)
+    except ConfigError as exc:
+        fail(str(exc))
+
+    from rlhf_exp.tracking.run import Run
+
+    typed = OmegaConf.to_object(cfg)
+    try:
+        with Run(run_dir, cfg, parents) as run:
+            result = runner(typed, run)
+    except ConfigError as exc:  # bad data found while loading: the manifest already says "failed"
+        fail(str(exc))
+    print_result(cfg.phase.name, run_dir, result)
+    return result.get("gold_score", result.get("eval_loss"))
+
+
+def print_result(phase: str, run_dir: Path, metrics: dict) -> None:
+    shown = []
+    if "gold_score" in metrics:
+        start = metrics.get("gold_score_initial")
+        shown.append(f"gold_score {start:.3f} -> {metrics['gold_score']:.3f}" if start is not None
+                     else f"gold_score {metrics['gold_score']:.3f}")
+    for key in ("eval_loss", "eval_perplexity", "eval_rewards/accuracies"):
+        if key in metrics:
+            shown.append(f"{key} {metrics[key]:.4g}")
+    print(f"rlhf_exp: {phase} finished in {metrics.get('train_runtime_s', 0):.0f}s of training: "
+          f"{', '.join(shown)}\nrlhf_exp: run folder {run_dir} (summary.json, metrics.jsonl, manifest.json)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    flags = _hydra_flags(argv)
+    if not (flags.help or flags.hydra_help or flags.info or flags.shell_completion):
+        try:
+            preflight(flags.overrides, multirun=flags.multirun, check_rules=flags.cfg is None)
+        except ConfigError as exc:
+            fail(str(exc))
+
+    import hydra
+
+    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+    def _app(cfg: DictConfig):
+        return run_job(cfg)
+
+    sys.argv = [sys.argv[0], *argv]
+    _app()

@@ -1,0 +1,1 @@
+"""Config schema (dataclasses in Hydra's ConfigStore), cross-field validation and error messages."""

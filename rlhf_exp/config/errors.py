@@ -1,0 +1,144 @@
+"""Turn Hydra/OmegaConf composition failures into one- or two-line messages.
+
+Hydra's own messages suggest ``+key=value`` for a misspelled key (which would silently add it) and
+print a config search path for a missing option. Users need the bad key, the valid choices and the
+fix; these helpers build that from the schema.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from pathlib import Path
+
+from rlhf_exp.config.schema import GROUP_SCHEMAS, PHASE_SCHEMAS
+
+CONF_DIR = Path(__file__).resolve().parent.parent.parent / "conf"
+
+
+class ConfigError(Exception):
+    """A problem with the user's configuration or inputs, reported without a traceback."""
+
+
+def group_options(group: str) -> list[str]:
+    folder = CONF_DIR / group
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def config_groups() -> list[str]:
+    return sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "recipe")
+
+
+def _schema_at(full_key: str, phase_name: str | None):
+    """The dataclass that holds the last component of ``full_key`` (None at the root)."""
+    from rlhf_exp.config.schema import RunConfig
+
+    parts = full_key.split(".")[:-1]
+    schema = RunConfig
+    for i, part in enumerate(parts):
+        if i == 0 and part == "phase":
+            schema = PHASE_SCHEMAS.get(phase_name or "", PHASE_SCHEMAS["sft"])
+            continue
+        if i == 0 and part in GROUP_SCHEMAS:
+            schema = GROUP_SCHEMAS[part]
+            continue
+        fields = {f.name: f for f in dataclasses.fields(schema)}
+        if part not in fields:
+            return None
+        default = fields[part].default_factory() if fields[part].default_factory is not dataclasses.MISSING else None
+        if not dataclasses.is_dataclass(default):
+            return None
+        schema = type(default)
+    return schema
+
+
+def _field_names(schema) -> list[str]:
+    return [f.name for f in dataclasses.fields(schema)]
+
+
+def unknown_key_message(full_key: str, phase_name: str | None) -> str:
+    prefix, _, key = full_key.rpartition(".")
+    schema = _schema_at(full_key, phase_name)
+    if schema is None:
+        return f"unknown key '{full_key}'."
+    valid = _field_names(schema)
+    where = f"phase={phase_name}" if prefix == "phase" else (prefix or "the top level")
+    lines = []
+    if prefix == "phase":
+        owners = [n for n, s in PHASE_SCHEMAS.items() if n != phase_name and key in _field_names(s)]
+        if owners:
+            lines.append(
+                f"'{full_key}' is a setting of phase={'/'.join(owners)}, not of phase={phase_name}: "
+                f"drop it, or run phase={owners[0]}."
+            )
+    if not lines:
+        guess = difflib.get_close_matches(key, valid, n=1)
+        hint = f" Did you mean '{prefix + '.' if prefix else ''}{guess[0]}'?" if guess else ""
+        lines.append(f"unknown key '{full_key}' for {where}.{hint}")
+    lines.append(f"Valid keys under {prefix or 'the top level'}: {', '.join(valid)}")
+    return "\n".join(lines)
+
+
+def missing_option_message(text: str) -> str | None:
+    m = re.search(r"Could not find '([^'/]+)/([^']+)'", text)
+    if not m:
+        return None
+    group, option = m.groups()
+    options = [o for o in group_options(group) if not o.startswith("base_")]
+    return f"{group}={option}: no such option. Valid options for {group}: {', '.join(options)}"
+
+
+def missing_group_message(text: str) -> str | None:
+    m = re.search(r"Could not override '([^']+)'.*?No match in the defaults list", text, re.S)
+    if not m:
+        return None
+    return f"'{m.group(1)}' is not a config group. Config groups: {', '.join(config_groups())}"
+
+
+def validation_message(full_key: str, msg: str, value_hint: str | None) -> str:
+    first = msg.splitlines()[0]
+    m = re.match(r"Value '(.*)' of type '(\w+)' could not be converted to (\w+)", first)
+    if m:
+        value, _, expected = m.groups()
+        example = f" e.g. {full_key}={value_hint}" if value_hint is not None else ""
+        return f"{full_key}: '{value}' is not a valid {expected.lower()}.{example}"
+    m = re.match(r"Invalid value '(.*)', expected one of \[(.*)\]", first)
+    if m:
+        return f"{full_key}: '{m.group(1)}' is not a valid choice. Valid choices: {m.group(2)}"
+    return f"{full_key}: {first}"
+
+
+def translate(exc: BaseException, phase_name: str | None) -> str:
+    """Best one- or two-line explanation of a composition failure."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+    text = str(exc)
+    for builder in (missing_option_message, missing_group_message):
+        message = builder(text)
+        if message:
+            return message
+    cause = exc.__cause__ or exc
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and getattr(cause, "full_key", None):
+        return unknown_key_message(str(cause.full_key), phase_name)
+    if isinstance(cause, ValidationError) and getattr(cause, "full_key", None):
+        return validation_message(str(cause.full_key), str(cause.msg), _example_value(str(cause.full_key), phase_name))
+    if "Ambiguous value for argument" in text:
+        key = re.search(r"argument '([^']+)'", text)
+        return (
+            f"{key.group(1) if key else 'an override'}: a comma-separated value is a sweep; add -m (--multirun) "
+            "to sweep, or write a list as key=[a,b]."
+        )
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _example_value(full_key: str, phase_name: str | None) -> str | None:
+    schema = _schema_at(full_key, phase_name)
+    if schema is None:
+        return None
+    key = full_key.rpartition(".")[2]
+    for f in dataclasses.fields(schema):
+        if f.name == key and f.default is not dataclasses.MISSING and f.default is not None:
+            default = f.default
+            return default.value if hasattr(default, "value") else str(default)
+    return None

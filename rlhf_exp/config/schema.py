@@ -1,0 +1,329 @@
+"""The config schema: every key a run accepts, its type and its default.
+
+Each default is written once, here. YAML files under ``conf/`` only set values
+(each starts with ``defaults: [base_<group>]``), so a misspelled key or a value
+of the wrong type fails when Hydra composes, before anything heavy is imported.
+
+This module imports nothing but the standard library, OmegaConf and Hydra: the
+CLI's ``--help``/``--cfg`` path goes through it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Distributed(str, Enum):
+    # single process (CPU or one GPU)
+    none = "none"
+    ddp = "ddp"
+    fsdp = "fsdp"
+    deepspeed_zero2 = "deepspeed_zero2"
+    deepspeed_zero3 = "deepspeed_zero3"
+
+
+class Accelerator(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class KLControl(str, Enum):
+    fixed = "fixed"
+    adaptive = "adaptive"
+
+
+class KLEstimator(str, Enum):
+    k1 = "k1"
+    k3 = "k3"
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass
+class EmbeddedArch:
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 128
+    max_position_embeddings: int = 32
+    # seed of the initial weights (the model is rebuilt identically from it)
+    init_seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    # preset name; recorded in manifests and used to match parent runs
+    name: str = MISSING
+    # "embedded": built locally from the fields under `embedded`; "hub": loaded with from_pretrained(path)
+    source: str = "hub"
+    # hub id (org/name) or a local folder saved with save_pretrained; unused when source=embedded
+    path: Optional[str] = None
+    # hub revision (branch, tag or commit) to pin
+    revision: Optional[str] = None
+    # weights dtype when loading: auto (as stored), float32, bfloat16, float16
+    dtype: str = "auto"
+    # null: the tokenizer's own chat template; a name from rlhf_exp/templates (chatml, llama3, mistral)
+    # or a path to a .jinja file
+    chat_template: Optional[str] = None
+    # attention kernel passed to from_pretrained (sdpa, eager, flash_attention_2); null = library default
+    attn_implementation: Optional[str] = None
+    trust_remote_code: bool = False
+    # modules LoRA adapts when hardware.lora=true; "all-linear" lets peft pick every linear layer
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    # architecture of the embedded model (source=embedded only)
+    embedded: EmbeddedArch = field(default_factory=lambda: EmbeddedArch())
+
+
+# ---------------------------------------------------------------------------- data
+
+
+@dataclass
+class ColumnMap:
+    # names of the source columns holding each field; null = not present in this data set
+    prompt: Optional[str] = "prompt"
+    completion: Optional[str] = "completion"
+    chosen: Optional[str] = "chosen"
+    rejected: Optional[str] = "rejected"
+    messages: Optional[str] = "messages"
+
+
+@dataclass
+class SyntheticTask:
+    # digits in each prompt; the answer is the same digits sorted ascending
+    num_digits: int = 5
+    # SFT demonstrations
+    num_sft_train: int = 4096
+    num_sft_eval: int = 256
+    # fraction of demonstrations with the demonstrators' consistent habit (last two answer digits
+    # swapped): imitation copies it, preferences can remove it (see docs in rlhf_exp/data/synthetic.py)
+    sft_habit_fraction: float = 0.6
+    # fraction with 1-2 random corruptions; random mistakes never form a mode, so greedy SFT ignores them
+    sft_noise_fraction: float = 0.0
+    # preference pairs labelled by simulated annotators
+    num_pref_train: int = 4000
+    num_pref_eval: int = 500
+    # probability that an annotator's choice agrees with the gold ranking (InstructGPT reports ~72%)
+    annotator_agreement: float = 0.72
+    # drop pairs whose two answers have equal gold (annotators pick at random on them)
+    drop_ties: bool = True
+    # held-out prompts scored with the gold reward (greedy decoding) after each policy phase
+    num_eval_prompts: int = 500
+
+
+@dataclass
+class DataConfig:
+    # preset name; recorded in manifests and used to match parent runs
+    name: str = MISSING
+    # synthetic: the embedded task; hub: datasets.load_dataset(path); jsonl: local files
+    source: str = MISSING
+    # hub id of the data set (source=hub)
+    path: Optional[str] = None
+    # hub config/subset name, or data_dir for hub data sets that use folders (e.g. hh-rlhf's harmless-base)
+    subset: Optional[str] = None
+    data_dir: Optional[str] = None
+    revision: Optional[str] = None
+    # layout of the records: hh (Human:/Assistant: transcripts in chosen/rejected),
+    # preference (prompt + chosen + rejected), messages (a chat list), prompt_completion
+    format: str = "preference"
+    # splits used by SFT and by the preference phases (RM, DPO, PPO prompts)
+    sft_train_split: str = "train"
+    sft_eval_split: Optional[str] = "test"
+    pref_train_split: str = "train"
+    pref_eval_split: Optional[str] = "test"
+    # local files (source=jsonl); eval_file null = hold out eval_fraction of train_file
+    train_file: Optional[str] = None
+    eval_file: Optional[str] = None
+    eval_fraction: float = 0.05
+    columns: ColumnMap = field(default_factory=ColumnMap)
+    # cap on examples per split (null = all): quick trials on big sets
+    max_train_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = None
+    # seed of data generation, shuffling and the held-out split
+    seed: int = 0
+    synthetic: SyntheticTask = field(default_factory=SyntheticTask)
+
+
+# --------------------------------------------------------------------------- phase
+
+
+@dataclass
+class PhaseConfig:
+    # sft | rm | ppo | dpo: picks the runner
+    name: str = MISSING
+    learning_rate: float = 2e-5
+    # passes over the training set; max_steps > 0 overrides it
+    num_epochs: float = 1.0
+    max_steps: int = -1
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    lr_scheduler: str = "cosine"
+    max_grad_norm: float = 1.0
+    # tokens per sequence (prompt + answer); longer ones are truncated
+    max_length: int = 1024
+    logging_steps: int = 10
+    # evaluate every `eval_steps` steps; null = once per epoch
+    eval_steps: Optional[int] = None
+    # stop after this many evaluations without improvement; 0 = never stop early
+    early_stopping_patience: int = 2
+    # sampling settings for the gold-score evaluation and PPO rollouts
+    max_new_tokens: int = 256
+
+
+@dataclass
+class SFTPhaseConfig(PhaseConfig):
+    name: str = "sft"
+    # loss on the answer tokens only (the prompt is context, not a target)
+    completion_only_loss: bool = True
+    # pack several short examples into one sequence (real data; off for the embedded task)
+    packing: bool = False
+
+
+@dataclass
+class DPOPhaseConfig(PhaseConfig):
+    name: str = "dpo"
+    learning_rate: float = 5e-7
+    # strength of the implicit KL constraint to the reference (the SFT model)
+    beta: float = 0.1
+    # DPO loss variant passed to TRL (sigmoid = the paper's loss; ipo, hinge, ...)
+    loss_type: str = "sigmoid"
+    # SFT run to start from: a run folder or run id; null = latest successful SFT run of the
+    # same model and data under output_root
+    sft_run: Optional[str] = None
+
+
+@dataclass
+class RMPhaseConfig(PhaseConfig):
+    name: str = "rm"
+    learning_rate: float = 1e-5
+    # keep the token embeddings fixed while training the reward head and body
+    freeze_embeddings: bool = True
+    sft_run: Optional[str] = None
+
+
+@dataclass
+class PPOPhaseConfig(PhaseConfig):
+    name: str = "ppo"
+    learning_rate: float = 1e-6
+    sft_run: Optional[str] = None
+    reward_run: Optional[str] = None
+    # KL penalty coefficient (with kl_ctrl=adaptive, its starting value)
+    kl_coef: float = 0.2
+    kl_ctrl: KLControl = KLControl.adaptive
+    kl_target: float = 6.0
+    kl_horizon: int = 10000
+    kl_estimator: KLEstimator = KLEstimator.k1
+    # stop a step's PPO epochs when the update's approximate KL exceeds 1.5 * target_kl; null = never
+    target_kl: Optional[float] = None
+    ppo_epochs: int = 4
+    num_mini_batches: int = 1
+    rollout_batch_size: int = 64
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    temperature: float = 1.0
+    top_p: float = 1.0
+    length_penalty: float = 0.0
+    missing_eos_penalty: Optional[float] = None
+    normalize_reward: bool = True
+    reward_clip: Optional[float] = 10.0
+
+
+# ------------------------------------------------------------------------ hardware
+
+
+@dataclass
+class HardwareConfig:
+    name: str = MISSING
+    accelerator: Accelerator = Accelerator.cpu
+    gpus_per_node: int = 0
+    # processes per node (one per GPU on GPU presets)
+    num_processes: int = 1
+    num_nodes: int = 1
+    precision: Precision = Precision.fp32
+    distributed: Distributed = Distributed.none
+    # train LoRA adapters instead of all weights; also makes the frozen reference free
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    gradient_checkpointing: bool = False
+    # dataloader worker processes
+    num_workers: int = 0
+
+
+# -------------------------------------------------------------------------- logger
+
+
+@dataclass
+class LoggerConfig:
+    # local: metrics.jsonl/summary.json only; wandb: the same, plus Weights & Biases
+    name: str = "local"
+    # W&B settings (logger=wandb)
+    project: str = "rlhf_exp"
+    entity: Optional[str] = None
+    # auto: online when an API key is available, otherwise offline; online; offline; disabled
+    mode: str = "auto"
+    tags: list[str] = field(default_factory=list)
+    group: Optional[str] = None
+
+
+# ---------------------------------------------------------------------------- root
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    phase: PhaseConfig = MISSING
+    hardware: HardwareConfig = MISSING
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    # seed of model init, data order and sampling for this run
+    seed: int = 0
+    # where runs live; parent runs (phase.sft_run=null) are looked up here
+    output_root: str = "outputs"
+    # free-form label recorded in the manifest
+    tag: Optional[str] = None
+    # compose, check and print the resolved plan without loading anything
+    dry_run: bool = False
+
+
+PHASE_SCHEMAS: dict[str, type[PhaseConfig]] = {
+    "sft": SFTPhaseConfig,
+    "rm": RMPhaseConfig,
+    "ppo": PPOPhaseConfig,
+    "dpo": DPOPhaseConfig,
+}
+
+GROUP_SCHEMAS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "hardware": HardwareConfig,
+    "logger": LoggerConfig,
+}
+
+
+def register_configs() -> None:
+    """Register every schema so YAML files can start with ``defaults: [base_<group>]``."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=RunConfig)
+    for group, schema in GROUP_SCHEMAS.items():
+        cs.store(group=group, name=f"base_{group}", node=schema)
+    for name, schema in PHASE_SCHEMAS.items():
+        cs.store(group="phase", name=f"base_{name}", node=schema)

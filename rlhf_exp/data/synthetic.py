@@ -1,0 +1,218 @@
+"""The embedded task: sort a short list of digits, with a programmatic gold reward.
+
+    prompt  "3 1 4 1 5 ="        answer " 1 1 3 4 5"        gold = fraction of positions right
+
+Design, from measurements on this task (see docs/embedded_task.md):
+
+* SFT demonstrations carry a *consistent demonstrator habit*: a fraction (default 60%) swap the
+  last two answer digits. Random mistakes never form a mode, so greedy decoding after SFT ignores
+  them and lands near the ceiling; a consistent habit is what imitation copies, leaving room for
+  preference learning (RM, PPO, DPO) to do better than SFT.
+* Preference pairs are two different candidate answers to one prompt (the correct one, the habit,
+  and other plausible mistakes), labelled by simulated annotators who follow the gold reward through
+  a Bradley-Terry model: P(a preferred to b) = sigmoid((gold(a) - gold(b)) / temperature). The
+  temperature is solved for so that annotators agree with gold on ``annotator_agreement`` of the
+  non-tied pairs (default 0.72, as InstructGPT reports for its labellers). Ties (equal gold) are
+  dropped by default, as the binarized public preference sets do: annotators pick at random on them,
+  which caps any reward model's accuracy.
+* Held-out prompts never appear in the training splits.
+
+Gold is for evaluation only: no phase trains on it unless a config asks for it.
+Pure Python (``random``), so the data is identical on every machine for a given seed.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+SEPARATOR = "="
+
+
+@dataclass(frozen=True)
+class Pair:
+    prompt: str
+    chosen: str
+    rejected: str
+    gold_chosen: float
+    gold_rejected: float
+
+
+def prompt_text(digits: list[int]) -> str:
+    return " ".join(map(str, digits)) + " " + SEPARATOR
+
+
+def answer_text(digits: list[int]) -> str:
+    return "".join(f" {d}" for d in digits)
+
+
+def parse_prompt(prompt: str) -> list[int]:
+    body = prompt.strip()
+    if body.endswith(SEPARATOR):
+        body = body[: -len(SEPARATOR)]
+    return [int(tok) for tok in body.split()]
+
+
+def parse_answer(text: str) -> list[str]:
+    """Tokens of a generated answer up to the end of sequence (special tokens already stripped)."""
+    return text.replace(SEPARATOR, " ").split()
+
+
+def gold_reward(prompt: str, answer: str) -> float:
+    """Fraction of positions equal to the sorted prompt; missing or extra positions count as wrong."""
+    target = [str(d) for d in sorted(parse_prompt(prompt))]
+    got = parse_answer(answer)
+    right = sum(1 for t, g in zip(target, got) if t == g)
+    return right / max(len(target), len(got))
+
+
+def habit(answer: list[int]) -> list[int]:
+    """The demonstrators' consistent mistake: the last two digits swapped."""
+    out = list(answer)
+    out[-1], out[-2] = out[-2], out[-1]
+    return out
+
+
+def corrupt(answer: list[int], rng: random.Random) -> list[int]:
+    """A random mistake: a swap of two positions or a wrong digit (once or twice)."""
+    out = list(answer)
+    for _ in range(rng.choice((1, 2))):
+        if rng.random() < 0.5:
+            i, j = rng.sample(range(len(out)), 2)
+            out[i], out[j] = out[j], out[i]
+        else:
+            out[rng.randrange(len(out))] = rng.randrange(10)
+    return out
+
+
+class SortTask:
+    """Generates every split of the embedded task from ``seed``; splits use independent streams."""
+
+    def __init__(self, num_digits: int = 5, seed: int = 0, **settings):
+        self.num_digits = num_digits
+        self.seed = seed
+        self.settings = settings
+        self._eval_prompts = None
+
+    # -- prompts ---------------------------------------------------------------------------
+    def _rng(self, stream: str) -> random.Random:
+        return random.Random(f"{self.seed}:{stream}")
+
+    def _digits(self, rng: random.Random) -> list[int]:
+        return [rng.randrange(10) for _ in range(self.num_digits)]
+
+    def eval_prompts(self, n: int) -> list[str]:
+        """Held-out prompts, distinct from each other; training splits exclude them."""
+        rng = self._rng("eval-prompts")
+        prompts: dict[str, None] = {}  # insertion-ordered set
+        while len(prompts) < n:
+            prompts[prompt_text(self._digits(rng))] = None
+        return list(prompts)
+
+    def _train_prompts(self, stream: str, n: int, held_out: set[str]) -> list[list[int]]:
+        rng = self._rng(stream)
+        out = []
+        while len(out) < n:
+            digits = self._digits(rng)
+            if prompt_text(digits) not in held_out:
+                out.append(digits)
+        return out
+
+    # -- SFT demonstrations ------------------------------------------------------------------
+    def sft_records(self, n: int, stream: str, habit_fraction: float, noise_fraction: float,
+                    held_out: set[str]) -> list[dict]:
+        rng = self._rng(stream + "-answers")
+        records = []
+        for digits in self._train_prompts(stream, n, held_out):
+            answer = sorted(digits)
+            u = rng.random()
+            if u < habit_fraction:
+                answer = habit(answer)
+            elif u < habit_fraction + noise_fraction:
+                answer = corrupt(answer, rng)
+            records.append({"prompt": prompt_text(digits), "completion": answer_text(answer)})
+        return records
+
+    # -- preference pairs ----------------------------------------------------------------------
+    def _candidate(self, digits: list[int], rng: random.Random) -> list[int]:
+        target = sorted(digits)
+        u = rng.random()
+        if u < 0.3:
+            return target
+        if u < 0.6:
+            return habit(target)
+        if u < 0.9:
+            return corrupt(target, rng)
+        shuffled = list(digits)
+        rng.shuffle(shuffled)
+        return shuffled
+
+    def candidate_pairs(self, n: int, stream: str, held_out: set[str], drop_ties: bool) -> list[tuple]:
+        rng = self._rng(stream + "-candidates")
+        pairs = []
+        prompts = self._train_prompts(stream, n * 4, held_out)
+        for digits in prompts:
+            if len(pairs) == n:
+                break
+            a, b = self._candidate(digits, rng), self._candidate(digits, rng)
+            if a == b:
+                continue
+            prompt = prompt_text(digits)
+            ga, gb = gold_reward(prompt, answer_text(a)), gold_reward(prompt, answer_text(b))
+            if drop_ties and ga == gb:
+                continue
+            pairs.append((prompt, answer_text(a), answer_text(b), ga, gb))
+        return pairs
+
+    def preference_pairs(self, n: int, stream: str, agreement: float, drop_ties: bool,
+                         held_out: set[str]) -> list[Pair]:
+        candidates = self.candidate_pairs(n, stream, held_out, drop_ties)
+        temperature = bt_temperature([abs(ga - gb) for *_, ga, gb in candidates if ga != gb], agreement)
+        rng = self._rng(stream + "-annotators")
+        pairs = []
+        for prompt, a, b, ga, gb in candidates:
+            p_a = 0.5 if ga == gb else sigmoid((ga - gb) / temperature)
+            if rng.random() < p_a:
+                pairs.append(Pair(prompt, a, b, ga, gb))
+            else:
+                pairs.append(Pair(prompt, b, a, gb, ga))
+        return pairs
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x > -60 else 0.0
+
+
+def bt_temperature(gaps: list[float], agreement: float) -> float:
+    """Temperature at which Bradley-Terry annotators agree with gold on ``agreement`` of the pairs."""
+    if not gaps:
+        return 1.0
+
+    def expected(t: float) -> float:
+        return sum(sigmoid(g / t) for g in gaps) / len(gaps)
+
+    lo, hi = 1e-4, 1e4  # expected() falls from ~1 to 0.5 as t grows
+    for _ in range(100):
+        mid = math.sqrt(lo * hi)
+        if expected(mid) > agreement:
+            lo = mid
+        else:
+            hi = mid
+    return math.sqrt(lo * hi)
+
+
+def build_task_data(syn, seed: int) -> dict:
+    """Every split of the embedded task for a ``data.synthetic`` config node."""
+    task = SortTask(num_digits=syn.num_digits, seed=seed)
+    eval_prompts = task.eval_prompts(syn.num_eval_prompts)
+    held_out = set(eval_prompts)
+    sft_args = dict(habit_fraction=syn.sft_habit_fraction, noise_fraction=syn.sft_noise_fraction, held_out=held_out)
+    pref_args = dict(agreement=syn.annotator_agreement, drop_ties=syn.drop_ties, held_out=held_out)
+    return {
+        "sft_train": task.sft_records(syn.num_sft_train, "sft-train", **sft_args),
+        "sft_eval": task.sft_records(syn.num_sft_eval, "sft-eval", **sft_args),
+        "pref_train": task.preference_pairs(syn.num_pref_train, "pref-train", **pref_args),
+        "pref_eval": task.preference_pairs(syn.num_pref_eval, "pref-eval", **pref_args),
+        "eval_prompts": eval_prompts,
+    }

@@ -1,0 +1,81 @@
+"""Our schema -> TRL/transformers argument objects: the one place this mapping lives.
+
+Runners call ``sft_config`` / ``dpo_config``; nothing else builds TRL configs, so a change of TRL
+defaults (e.g. SFTConfig's bf16=True and gradient_checkpointing=True) is handled here once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rlhf_exp.config.schema import RunConfig
+
+
+def _value(enum_or_str) -> str:
+    return str(getattr(enum_or_str, "value", enum_or_str))
+
+
+def training_kwargs(cfg: RunConfig, run_dir: Path, has_eval: bool) -> dict[str, Any]:
+    """Arguments shared by every TRL trainer (they are transformers.TrainingArguments fields)."""
+    phase, hw = cfg.phase, cfg.hardware
+    precision = _value(hw.precision)
+    eval_strategy = ("steps" if phase.eval_steps else "epoch") if has_eval else "no"
+    early_stop = has_eval and phase.early_stopping_patience > 0
+    return {
+        "output_dir": str(run_dir / "checkpoints" / "trainer"),
+        "learning_rate": phase.learning_rate,
+        "num_train_epochs": phase.num_epochs,
+        "max_steps": phase.max_steps,
+        "per_device_train_batch_size": phase.per_device_train_batch_size,
+        "per_device_eval_batch_size": phase.per_device_eval_batch_size,
+        "gradient_accumulation_steps": phase.gradient_accumulation_steps,
+        "warmup_steps": phase.warmup_ratio,  # transformers 5: a float < 1 is a ratio of total steps
+        "weight_decay": phase.weight_decay,
+        "lr_scheduler_type": phase.lr_scheduler,
+        "max_grad_norm": phase.max_grad_norm,
+        "logging_steps": phase.logging_steps,
+        "logging_first_step": True,
+        "eval_strategy": eval_strategy,
+        "eval_steps": phase.eval_steps,
+        # checkpoints are needed to restore the best model when stopping early
+        "save_strategy": eval_strategy if early_stop else "no",
+        "save_steps": phase.eval_steps,
+        "save_total_limit": 2 if early_stop else None,
+        "save_only_model": True,
+        "load_best_model_at_end": early_stop,
+        "metric_for_best_model": "eval_loss",
+        "greater_is_better": False,
+        "bf16": precision == "bf16",
+        "fp16": precision == "fp16",
+        "gradient_checkpointing": hw.gradient_checkpointing,
+        "use_cpu": _value(hw.accelerator) == "cpu",
+        "seed": cfg.seed,
+        "data_seed": cfg.seed,
+        "dataloader_num_workers": hw.num_workers,
+        "report_to": "none",  # rlhf_exp's own sinks (metrics.jsonl, W&B) record everything
+        "disable_tqdm": False,
+    }
+
+
+def sft_config(cfg: RunConfig, run_dir: Path, has_eval: bool):
+    from trl import SFTConfig
+
+    return SFTConfig(
+        **training_kwargs(cfg, run_dir, has_eval),
+        max_length=cfg.phase.max_length,
+        completion_only_loss=cfg.phase.completion_only_loss,
+        packing=cfg.phase.packing,
+        dataset_num_proc=None,
+    )
+
+
+def dpo_config(cfg: RunConfig, run_dir: Path, has_eval: bool):
+    from trl import DPOConfig
+
+    return DPOConfig(
+        **training_kwargs(cfg, run_dir, has_eval),
+        beta=cfg.phase.beta,
+        loss_type=[cfg.phase.loss_type],
+        max_length=cfg.phase.max_length,
+    )

@@ -1,0 +1,150 @@
+"""Tokenizers and models: the embedded tiny model, hub/local checkpoints, LoRA.
+
+Everything a phase loads goes through here, so dtype, chat template, attention kernel and LoRA
+settings are applied the same way for every phase.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf_exp.config.schema import HardwareConfig, ModelConfig
+
+TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
+TINY_VOCAB = ["<pad>", "<bos>", "<eos>", "<unk>", "=", *map(str, range(10))]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+def build_tiny_tokenizer():
+    """A word-level tokenizer over digits, '=' and four special tokens, built without any download."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(TINY_VOCAB)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        padding_side="right",
+        model_max_length=64,
+    )
+    return tokenizer
+
+
+def build_tiny_model(model_cfg: ModelConfig, tokenizer):
+    """A small Llama built from ``model.embedded``; identical weights for the same init_seed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    arch = model_cfg.embedded
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=arch.hidden_size,
+        intermediate_size=arch.intermediate_size,
+        num_hidden_layers=arch.num_layers,
+        num_attention_heads=arch.num_heads,
+        num_key_value_heads=arch.num_heads,
+        max_position_embeddings=arch.max_position_embeddings,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream untouched
+        torch.manual_seed(arch.init_seed)
+        model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def _apply_chat_template(tokenizer, model_cfg: ModelConfig) -> None:
+    name = model_cfg.chat_template
+    if not name:
+        return
+    path = TEMPLATES_DIR / f"{name}.jinja" if "/" not in name and not name.endswith(".jinja") else Path(name)
+    tokenizer.chat_template = path.read_text()
+
+
+def load_tokenizer(model_cfg: ModelConfig, checkpoint: str | None = None):
+    """Tokenizer of a parent checkpoint, of the embedded model, or of the hub/local model."""
+    from transformers import AutoTokenizer
+
+    if checkpoint is not None:
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    elif model_cfg.source == "embedded":
+        tokenizer = build_tiny_tokenizer()
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_cfg.path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
+        )
+        _apply_chat_template(tokenizer, model_cfg)
+    if tokenizer.pad_token is None:
+        # Llama 3 and Mistral ship no pad token; padding is masked, so reusing EOS is safe
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_kwargs(model_cfg: ModelConfig, hardware: HardwareConfig) -> dict[str, Any]:
+    """Arguments for ``from_pretrained``: the one place dtype and attention kernel are chosen."""
+    precision = str(getattr(hardware.precision, "value", hardware.precision))
+    dtype = model_cfg.dtype
+    if dtype == "auto" and precision in ("bf16", "fp16"):
+        dtype = "bfloat16" if precision == "bf16" else "float16"
+    kwargs: dict[str, Any] = {"dtype": _DTYPES[dtype], "trust_remote_code": model_cfg.trust_remote_code}
+    if model_cfg.attn_implementation and str(getattr(hardware.accelerator, "value", hardware.accelerator)) == "cuda":
+        kwargs["attn_implementation"] = model_cfg.attn_implementation
+    return kwargs
+
+
+def load_causal_lm(model_cfg: ModelConfig, hardware: HardwareConfig, tokenizer, checkpoint: str | None = None):
+    """Policy weights: a parent run's checkpoint, the embedded model, or the hub/local model."""
+    from transformers import AutoModelForCausalLM
+
+    if checkpoint is not None:
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, **load_kwargs(model_cfg, hardware))
+    elif model_cfg.source == "embedded":
+        model = build_tiny_model(model_cfg, tokenizer)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_cfg.path, revision=model_cfg.revision, **load_kwargs(model_cfg, hardware)
+        )
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def lora_config(model_cfg: ModelConfig, hardware: HardwareConfig, task_type: str = "CAUSAL_LM"):
+    """peft LoraConfig when ``hardware.lora`` is on, else None (full fine-tuning)."""
+    if not hardware.lora:
+        return None
+    from peft import LoraConfig
+
+    targets = list(model_cfg.lora_target_modules)
+    return LoraConfig(
+        r=hardware.lora_r,
+        lora_alpha=hardware.lora_alpha,
+        lora_dropout=hardware.lora_dropout,
+        target_modules=targets[0] if targets == ["all-linear"] else targets,
+        task_type=task_type,
+    )
+
+
+def save_for_next_phase(model, tokenizer, path: Path) -> Path:
+    """Save full weights + tokenizer where the next phase loads them; LoRA adapters are merged in."""
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

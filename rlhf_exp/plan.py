@@ -1,0 +1,21 @@
+"""``dry_run=true``: print what a run would do, load nothing."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+
+def print_plan(cfg: DictConfig) -> None:
+    from rlhf_exp.tracking.lineage import describe_parents
+
+    hw = cfg.hardware
+    print(f"phase     : {cfg.phase.name} (lr={cfg.phase.learning_rate}, epochs={cfg.phase.num_epochs}, "
+          f"batch={cfg.phase.per_device_train_batch_size}x{cfg.phase.gradient_accumulation_steps})")
+    print(f"model     : {cfg.model.name} ({cfg.model.source}{': ' + cfg.model.path if cfg.model.path else ''})")
+    print(f"data      : {cfg.data.name} ({cfg.data.source}{': ' + cfg.data.path if cfg.data.path else ''})")
+    print(f"hardware  : {hw.name} ({hw.num_nodes} node(s) x {hw.num_processes} process(es), "
+          f"{getattr(hw.precision, 'value', hw.precision)}, distributed={getattr(hw.distributed, 'value', hw.distributed)}, "
+          f"lora={hw.lora})")
+    print(f"parents   : {describe_parents(cfg)}")
+    print(f"logger    : {cfg.logger.name}")
+    print("dry run: nothing loaded, nothing trained.")

@@ -1,0 +1,89 @@
+"""What every TRL-based runner does around ``trainer.train()``: callbacks, evaluation, saving."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+
+from rlhf_exp.config.schema import RunConfig
+from rlhf_exp.data.loading import PhaseData
+from rlhf_exp.tracking.hf_callback import RunLogCallback
+from rlhf_exp.tracking.run import Run
+
+
+class _TiedHeadFilter(logging.Filter):
+    """Restoring the best checkpoint of a model with tied embeddings reports the tied head as
+    'missing'; it is not (it shares the embedding's weights), so the line only alarms users."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "missing keys in the checkpoint model loaded: ['lm_head.weight']" not in record.getMessage()
+
+
+def quiet_libraries() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-save "Writing model shards" bars; the training bar stays
+    logging.getLogger("transformers.trainer").addFilter(_TiedHeadFilter())
+
+
+def callbacks(cfg: RunConfig, run: Run, data: PhaseData) -> tuple[RunLogCallback, list]:
+    from transformers import EarlyStoppingCallback
+
+    log = RunLogCallback(run, perplexity=cfg.phase.name == "sft")
+    extra = []
+    if data.eval is not None and cfg.phase.early_stopping_patience > 0:
+        # eval loss and perplexity rank checkpoints identically; stopping on one is stopping on both
+        extra.append(EarlyStoppingCallback(early_stopping_patience=cfg.phase.early_stopping_patience))
+    return log, [log, *extra]
+
+
+def gold(cfg: RunConfig, model, tokenizer, data: PhaseData, run: Run, name: str) -> float | None:
+    """Mean gold reward of greedy answers on the held-out prompts (embedded task only)."""
+    if not data.eval_prompts:
+        return None
+    from rlhf_exp.evaluation import gold_score
+
+    return gold_score(model, tokenizer, data.eval_prompts, cfg.phase.max_new_tokens,
+                      cfg.phase.per_device_eval_batch_size, samples_path=run.dir / f"samples_{name}.jsonl",
+                      desc=f"gold eval ({name})")
+
+
+def train_evaluate_save(cfg: RunConfig, run: Run, trainer, log: RunLogCallback, tokenizer, data: PhaseData,
+                        metrics: dict) -> dict:
+    """Train, evaluate the final (best) model, save it for the next phase, write the summary."""
+    from rlhf_exp.models import save_for_next_phase
+
+    from transformers.trainer_callback import ProgressCallback
+
+    from rlhf_exp.tracking.hf_callback import CompactProgress
+
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(CompactProgress())
+    start = time.monotonic()
+    result = trainer.train()
+    metrics["train_runtime_s"] = round(time.monotonic() - start, 2)
+    metrics["steps"] = trainer.state.global_step
+    metrics["train_loss_first"] = log.first("train/loss")
+    metrics["train_loss_last"] = log.last("train/loss")
+    metrics["train_loss_mean"] = result.training_loss
+    stopper = [c for c in trainer.callback_handler.callbacks if type(c).__name__ == "EarlyStoppingCallback"]
+    metrics["early_stopped"] = bool(stopper) and trainer.state.global_step < trainer.state.max_steps
+    if data.eval is not None:
+        final = trainer.evaluate()  # the best model when early stopping restored it
+        for key, value in final.items():
+            if key.startswith("eval_") and isinstance(value, (int, float)) and not key.endswith(("runtime", "_per_second")):
+                metrics[key] = value
+        if "eval_loss" in final and cfg.phase.name == "sft":
+            import math
+
+            metrics["eval_perplexity"] = math.exp(min(final["eval_loss"], 50.0))
+
+    score = gold(cfg, trainer.model, tokenizer, data, run, "final")
+    if score is not None:
+        metrics["gold_score"] = score
+        run.log({"eval/gold_score": score}, step=trainer.state.global_step)
+    final_dir = save_for_next_phase(trainer.model, tokenizer, run.checkpoint_dir / "final")
+    shutil.rmtree(run.checkpoint_dir / "trainer", ignore_errors=True)  # the best weights are in final/
+    run.finish(metrics, final_dir)
+    return metrics

@@ -1,0 +1,45 @@
+"""Direct Preference Optimization on TRL's DPOTrainer, starting from an SFT run.
+
+The reference model is the SFT model. With ``hardware.lora=true`` TRL uses the policy with its
+adapters disabled as the reference, so no second copy of the weights is held.
+"""
+
+from __future__ import annotations
+
+from rlhf_exp.config.schema import RunConfig
+from rlhf_exp.tracking.run import Run
+
+
+def run(cfg: RunConfig, run: Run) -> dict:
+    from transformers import set_seed
+    from trl import DPOTrainer
+
+    from rlhf_exp.data.loading import preference_data
+    from rlhf_exp.launch.trl_args import dpo_config
+    from rlhf_exp.models import load_causal_lm, load_tokenizer, lora_config
+    from rlhf_exp.runners.common import callbacks, gold, quiet_libraries, train_evaluate_save
+
+    quiet_libraries()
+    set_seed(cfg.seed)
+    sft = next(p for p in run.parents if p["phase"] == "sft")
+    data = preference_data(cfg.data)
+    tokenizer = load_tokenizer(cfg.model, checkpoint=sft["checkpoint"])
+    model = load_causal_lm(cfg.model, cfg.hardware, tokenizer, checkpoint=sft["checkpoint"])
+    metrics: dict = {"sft_run": sft["run_id"]}
+    initial = gold(cfg, model, tokenizer, data, run, "initial")
+    if initial is not None:
+        metrics["gold_score_initial"] = initial
+        run.log({"eval/gold_score": initial}, step=0)
+
+    log, cbs = callbacks(cfg, run, data)
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=None,  # TRL: adapters disabled under LoRA, else a fresh load of the SFT checkpoint
+        args=dpo_config(cfg, run.dir, has_eval=data.eval is not None),
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=tokenizer,
+        peft_config=lora_config(cfg.model, cfg.hardware),
+        callbacks=cbs,
+    )
+    return train_evaluate_save(cfg, run, trainer, log, tokenizer, data, metrics)

@@ -1,0 +1,39 @@
+"""Supervised fine-tuning on TRL's SFTTrainer, loss on answer tokens only."""
+
+from __future__ import annotations
+
+from rlhf_exp.config.schema import RunConfig
+from rlhf_exp.tracking.run import Run
+
+
+def run(cfg: RunConfig, run: Run) -> dict:
+    from transformers import set_seed
+    from trl import SFTTrainer
+
+    from rlhf_exp.data.loading import sft_data
+    from rlhf_exp.launch.trl_args import sft_config
+    from rlhf_exp.models import load_causal_lm, load_tokenizer, lora_config
+    from rlhf_exp.runners.common import callbacks, gold, quiet_libraries, train_evaluate_save
+
+    quiet_libraries()
+    set_seed(cfg.seed)
+    data = sft_data(cfg.data)
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_causal_lm(cfg.model, cfg.hardware, tokenizer)
+    metrics: dict = {}
+    initial = gold(cfg, model, tokenizer, data, run, "initial")
+    if initial is not None:
+        metrics["gold_score_initial"] = initial
+        run.log({"eval/gold_score": initial}, step=0)
+
+    log, cbs = callbacks(cfg, run, data)
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_config(cfg, run.dir, has_eval=data.eval is not None),
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=tokenizer,
+        peft_config=lora_config(cfg.model, cfg.hardware),
+        callbacks=cbs,
+    )
+    return train_evaluate_save(cfg, run, trainer, log, tokenizer, data, metrics)

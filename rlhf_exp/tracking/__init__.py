@@ -1,0 +1,1 @@
+"""Run folders (config, manifest, metrics, summary), lineage between runs, and W&B mirroring."""

@@ -1,0 +1,74 @@
+"""A transformers TrainerCallback that feeds a Run: every log becomes a metrics.jsonl line."""
+
+from __future__ import annotations
+
+import math
+
+from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
+
+# transformers/TRL log names -> ours ("train/..." and "eval/..." namespaces)
+SKIP = {"epoch", "total_flos", "train_runtime", "train_samples_per_second", "train_steps_per_second",
+        "eval_runtime", "eval_samples_per_second", "eval_steps_per_second"}
+
+
+def rename(logs: dict[str, float], perplexity: bool = False) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in logs.items():
+        if key in SKIP or not isinstance(value, (int, float)):
+            continue
+        if key.startswith("eval_"):
+            out["eval/" + key[len("eval_"):]] = float(value)
+        elif key == "train_loss":
+            out["train/mean_loss"] = float(value)
+        else:
+            out["train/" + key] = float(value)
+    if perplexity and "eval/loss" in out:
+        out["eval/perplexity"] = math.exp(min(out["eval/loss"], 50.0))
+    if "epoch" in logs:
+        out["epoch"] = float(logs["epoch"])
+    return out
+
+
+class RunLogCallback(TrainerCallback):
+    def __init__(self, run, perplexity: bool = False):
+        self.run = run
+        # perplexity = exp(eval loss) only means something when the loss is a token NLL (SFT)
+        self.perplexity = perplexity
+        self.history: list[dict[str, float]] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        metrics = rename(logs, self.perplexity)
+        if metrics:
+            self.history.append({"step": state.global_step, **metrics})
+            self.run.log(metrics, step=state.global_step)
+
+    def last(self, key: str) -> float | None:
+        for record in reversed(self.history):
+            if key in record:
+                return record[key]
+        return None
+
+    def first(self, key: str) -> float | None:
+        for record in self.history:
+            if key in record:
+                return record[key]
+        return None
+
+
+class CompactProgress(ProgressCallback):
+    """The usual progress bar, with the latest train loss on it and one short line per evaluation
+    (transformers' default prints every log dict, which buries the bar)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or self.training_bar is None or not logs:
+            return
+        if "loss" in logs:
+            self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
+        evals = {k[len("eval_"):]: v for k, v in logs.items()
+                 if k.startswith("eval_") and isinstance(v, float) and not k.endswith(("runtime", "per_second"))}
+        if evals:
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in list(evals.items())[:4])
+            self.training_bar.write(f"step {state.global_step} eval: {shown}")

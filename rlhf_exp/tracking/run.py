@@ -1,0 +1,184 @@
+"""The run folder contract, written by every phase (later phases and users' tools read it).
+
+    <run folder>/config.yaml     the fully resolved config the run used
+    <run folder>/manifest.json   run id, phase, config hash, parents, git commit, times, status
+    <run folder>/metrics.jsonl   one JSON object per logging step: {"step": n, "train/loss": ...}
+    <run folder>/summary.json    {"phase": ..., "metrics": {...}, "checkpoint": path}
+    <run folder>/checkpoints/    the phase's saved models
+
+The manifest is written when the run starts (status "running") and rewritten in a ``finally`` when it
+ends ("succeeded" or "failed" with the error), so a crashed run is never mistaken for a good parent.
+Every file is replaced atomically (temporary name, then rename); metrics lines are flushed as written.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import math
+import os
+import platform
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+VOLATILE_KEYS = ("output_root", "dry_run", "tag")
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Hash of what determines the result: the resolved config less where it is written."""
+    container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    for key in VOLATILE_KEYS:
+        container.pop(key, None)
+    blob = json.dumps(container, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def git_commit(cwd: Path | None = None) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/inf: write them as strings so readers never choke."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class Run:
+    """One run's folder: config, manifest, metrics and summary, plus optional W&B mirroring."""
+
+    def __init__(self, run_dir: Path, cfg: DictConfig, parents: list[dict] | None = None):
+        self.dir = Path(run_dir).resolve()
+        self.cfg = cfg
+        self.run_id = self.dir.name
+        self.phase = str(cfg.phase.name)
+        self.parents = parents or []
+        self.checkpoint_dir = self.dir / "checkpoints"
+        self.main = is_main_process()
+        self._metrics_file = None
+        self._sinks: list[Any] = []
+        self._summary_written = False
+        self.manifest: dict[str, Any] = {}
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def __enter__(self) -> Run:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if not self.main:
+            return self
+        resolved = OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True)
+        write_text_atomic(self.dir / "config.yaml", OmegaConf.to_yaml(resolved))
+        self.manifest = {
+            "run_id": self.run_id,
+            "phase": self.phase,
+            "status": "running",
+            "model": str(self.cfg.model.name),
+            "data": str(self.cfg.data.name),
+            "config_hash": config_hash(self.cfg),
+            "parents": self.parents,
+            "git_commit": git_commit(),
+            "start_time": now_iso(),
+            "end_time": None,
+            "seed": int(self.cfg.seed),
+            "command": _command_line(),
+            "host": socket.gethostname(),
+            "python": platform.python_version(),
+            "tag": self.cfg.get("tag"),
+        }
+        write_json_atomic(self.dir / "manifest.json", self.manifest)
+        self._metrics_file = open(self.dir / "metrics.jsonl", "a", buffering=1)
+        if self.cfg.logger.name == "wandb":
+            from rlhf_exp.tracking.wandb_sink import WandbSink
+
+            self._sinks.append(WandbSink(self.cfg.logger, self.run_id, self.dir, resolved))
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self.main:
+            return
+        try:
+            failed = exc_type is not None or not self._summary_written
+            self.manifest["status"] = "failed" if failed else "succeeded"
+            if exc is not None:
+                self.manifest["error"] = f"{exc_type.__name__}: {exc}"[:2000]
+            elif not self._summary_written:
+                self.manifest["error"] = "the runner returned without writing a summary"
+            self.manifest["end_time"] = now_iso()
+            self.manifest["versions"] = _versions()
+            write_json_atomic(self.dir / "manifest.json", self.manifest)
+        finally:
+            if self._metrics_file is not None:
+                self._metrics_file.close()
+            for sink in self._sinks:
+                sink.close(failed=exc_type is not None)
+
+    # -- recording --------------------------------------------------------------------------
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if not self.main or not metrics:
+            return
+        record = {"step": int(step), **{k: _clean(v) for k, v in metrics.items()}}
+        self._metrics_file.write(json.dumps(record) + "\n")
+        for sink in self._sinks:
+            sink.log(metrics, step)
+
+    def finish(self, metrics: dict[str, Any], checkpoint: str | Path | None) -> dict[str, Any]:
+        summary = {
+            "phase": self.phase,
+            "run_id": self.run_id,
+            "metrics": {k: _clean(v) for k, v in metrics.items()},
+            "checkpoint": str(checkpoint) if checkpoint is not None else None,
+        }
+        if self.main:
+            write_json_atomic(self.dir / "summary.json", summary)
+            self.manifest["checkpoint"] = summary["checkpoint"]
+            for sink in self._sinks:
+                sink.summary(summary["metrics"])
+        self._summary_written = True
+        return summary
+
+
+def _command_line() -> str:
+    argv0 = sys.argv[0]
+    head = "python -m rlhf_exp" if argv0.endswith(("rlhf_exp/__main__.py", "rlhf-exp")) else argv0
+    return " ".join([head, *sys.argv[1:]])
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "transformers", "trl", "peft", "accelerate", "hydra-core"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
