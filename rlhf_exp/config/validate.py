@@ -109,7 +109,8 @@ def validate(cfg: DictConfig) -> None:
     one_of("data.format", data.format, DATA_FORMATS)
     if data.source == "hub":
         check(bool(data.path), f"data={data.name} loads from the hub but data.path is empty: set data.path=org/name")
-    if data.source == "jsonl" and not OmegaConf.is_missing(data, "train_file"):
+    if data.source == "jsonl":
+        check(bool(data.train_file), f"data={data.name} needs a training file: add data.train_file=/path/to/train.jsonl")
         for key in ("train_file", "eval_file"):
             path = data[key]
             if path is not None:

@@ -53,7 +53,8 @@ def resolve_run(ref: str, output_root: str | Path, phase: str, key: str) -> dict
             raise ConfigError(f"phase.{key}={ref} {where} under {output_root}/")
         manifest = matches[0]
     if manifest.get("phase") != phase:
-        raise ConfigError(f"phase.{key}={ref} is a {manifest.get('phase')} run; phase.{key} needs a {phase} run")
+        raise ConfigError(f"phase.{key}={ref} is a run of phase={manifest.get('phase')}; phase.{key} needs a run of "
+                          f"phase={phase}")
     if manifest.get("status") != "succeeded":
         raise ConfigError(f"phase.{key}={ref} did not succeed (status: {manifest.get('status')}); pick another run")
     return manifest
@@ -85,7 +86,7 @@ def resolve_parents(cfg: DictConfig, announce: bool = True) -> list[dict]:
             manifest = latest_run(cfg.output_root, phase, cfg.model.name, cfg.data.name)
             if manifest is None:
                 raise ConfigError(
-                    f"phase={cfg.phase.name} starts from a {phase} run of model={cfg.model.name} "
+                    f"phase={cfg.phase.name} starts from an {phase} run of model={cfg.model.name} "
                     f"data={cfg.data.name}, and there is none under {cfg.output_root}/. Make one with:\n"
                     f"  {_make_command(cfg, phase)}"
                 )

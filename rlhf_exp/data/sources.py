@@ -1,0 +1,430 @@
+"""Hub and local (JSON Lines) data, normalised to TRL's prompt-completion and preference formats.
+
+Every loader returns ``(train, eval)`` ``datasets.Dataset`` objects with fixed columns:
+
+* SFT (``load_sft``): ``prompt``, ``completion``.
+* RM/DPO/PPO (``load_preferences``): ``prompt``, ``chosen``, ``rejected``.
+
+A data set comes out either *standard* (every column a string) or *conversational* (``prompt`` a
+list of ``{"role", "content"}`` messages up to, not including, the final assistant turn; each answer
+column a one-message list holding that final assistant turn). TRL's SFTTrainer, RewardTrainer and
+DPOTrainer accept both and apply the chat template to the conversational kind. Messages keep only
+``role`` and ``content``.
+
+Source layouts (``data.format``; source column names come from ``data.columns.<field>``):
+
+* ``hh`` (Anthropic/hh-rlhf): ``chosen``/``rejected`` are full transcripts
+  ``"\\n\\nHuman: ...\\n\\nAssistant: ..."`` sharing every turn but the last. The shared turns are
+  the prompt; SFT trains on the chosen transcript's final assistant turn.
+* ``preference`` (e.g. HuggingFaceH4/ultrafeedback_binarized): ``prompt`` + ``chosen`` +
+  ``rejected``, strings or chat lists. Leading messages the two answers share (UltraFeedback repeats
+  the user turn in both) move into the prompt. SFT uses ``messages`` when that column exists, else
+  prompt + chosen.
+* ``messages``: one chat list per record (SFT only).
+* ``prompt_completion``: ``prompt`` + ``completion`` (SFT only).
+* ``auto``: one of the above, picked from the columns present.
+
+Bad records in local files stop the run with a ``ConfigError`` naming the file, the line and the
+fix. Hub rows that cannot be converted (HH has a handful without a final assistant turn) are
+skipped and counted in one warning: the user cannot edit the hub copy.
+
+``datasets`` is imported lazily: ``check_data_files`` runs on the CLI's light config-check path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from omegaconf import MISSING
+from omegaconf.errors import MissingMandatoryValue
+
+from rlhf_exp.config.errors import ConfigError
+
+if TYPE_CHECKING:
+    import datasets
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("hh", "preference", "messages", "prompt_completion", "auto")
+SFT_COLUMNS = ("prompt", "completion")
+PREF_COLUMNS = ("prompt", "chosen", "rejected")
+# auto-detection order: the first layout whose columns are all present wins
+AUTO_LAYOUTS = (
+    ("preference", ("prompt", "chosen", "rejected")),
+    ("messages", ("messages",)),
+    ("prompt_completion", ("prompt", "completion")),
+)
+_HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+class RowError(ValueError):
+    """One record cannot be converted; the caller adds where it is (file line) or skips it (hub)."""
+
+
+# ------------------------------------------------------------------------ public API
+
+
+def check_data_files(data_cfg) -> None:
+    """Fail at config-check time, before any model loads, when a local file is absent."""
+    if data_cfg.source != "jsonl":
+        return
+    if _setting(data_cfg, "train_file") is None:
+        raise ConfigError("data=jsonl needs a training file: add data.train_file=/path/train.jsonl")
+    for key in ("train_file", "eval_file"):
+        value = _setting(data_cfg, key)
+        if value is None:
+            continue
+        path = Path(value).expanduser()
+        if not path.exists():
+            raise ConfigError(f"data.{key}={value}: no such file (looked in {path.resolve()}). Fix the path.")
+        if not path.is_file():
+            raise ConfigError(f"data.{key}={value}: is a folder, not a file. Point it at a .jsonl file.")
+
+
+def load_sft(data_cfg, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """SFT splits with columns ``prompt`` and ``completion``; ``seed`` drives holdout and caps."""
+    return _load(data_cfg, seed, task="sft")
+
+
+def load_preferences(data_cfg, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """Preference splits with columns ``prompt``, ``chosen`` and ``rejected``."""
+    return _load(data_cfg, seed, task="pref")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _load(data_cfg, seed: int, task: str) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    if data_cfg.format not in FORMATS:
+        raise ConfigError(f"data.format={data_cfg.format}: not a known layout. Valid: {', '.join(FORMATS)}")
+    if data_cfg.source == "hub":
+        return _load_hub(data_cfg, seed, task)
+    if data_cfg.source == "jsonl":
+        return _load_jsonl(data_cfg, seed, task)
+    raise ValueError(f"sources handles data.source hub and jsonl, not {data_cfg.source!r}")
+
+
+def _load_hub(data_cfg, seed: int, task: str) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """Convert with Dataset.map so big sets stay arrow-backed and cached; caps apply before
+    conversion (quick trials on big sets), so a capped split can be a few skipped rows short."""
+    if not data_cfg.path:
+        raise ConfigError("data.source=hub needs data.path (the data set's hub id, e.g. Anthropic/hh-rlhf)")
+    train_key, eval_key = ("sft_train_split", "sft_eval_split") if task == "sft" else (
+        "pref_train_split", "pref_eval_split")
+    train_raw = _hub_split(data_cfg, train_key)
+    if getattr(data_cfg, eval_key) is not None:
+        eval_raw = _hub_split(data_cfg, eval_key)
+    else:
+        train_raw, eval_raw = _holdout(train_raw, data_cfg.eval_fraction, seed, f"data.{train_key}")
+    train_raw = _cap(train_raw, data_cfg.max_train_samples, seed, "max_train_samples")
+    train = _convert_hub(train_raw, data_cfg, task, getattr(data_cfg, train_key))
+    eval_ = None
+    if eval_raw is not None:
+        eval_raw = _cap(eval_raw, data_cfg.max_eval_samples, seed, "max_eval_samples")
+        eval_ = _convert_hub(eval_raw, data_cfg, task, getattr(data_cfg, eval_key) or "held-out")
+    return train, eval_
+
+
+def _hub_split(data_cfg, key: str) -> datasets.Dataset:
+    import datasets
+
+    split = getattr(data_cfg, key)
+    try:
+        return datasets.load_dataset(data_cfg.path, name=data_cfg.subset, data_dir=data_cfg.data_dir,
+                                     revision=data_cfg.revision, split=split)
+    except ValueError as exc:
+        if "split" not in str(exc).lower():
+            raise
+        raise ConfigError(f"data.{key}={split}: {str(exc).splitlines()[0]}\n"
+                          f"Set data.{key} to a split of {data_cfg.path}"
+                          + (" (null = hold out data.eval_fraction of train)." if "eval" in key else ".")) from exc
+
+
+def _convert_hub(raw: datasets.Dataset, data_cfg, task: str, split: str) -> datasets.Dataset:
+    where = f"data.path={data_cfg.path} split={split}"
+    fmt = data_cfg.format
+    if fmt == "auto":
+        fmt = _detect(raw.column_names, data_cfg.columns, where)
+    fields = _field_columns(fmt, task, data_cfg.columns, raw.column_names, where)
+    missing = [col for col in fields.values() if col not in raw.column_names]
+    if missing:
+        raise ConfigError(f"{where}: no column {', '.join(map(repr, missing))} (columns: "
+                          f"{', '.join(raw.column_names)}).\nSet data.columns.<field> to the right column, "
+                          f"or data.format to the layout of this data set.")
+    out = raw.map(_convert_batch, batched=True, remove_columns=raw.column_names,
+                  fn_kwargs={"fields": fields, "fmt": fmt, "task": task}, desc=f"Converting {split}")
+    if len(out) == 0:
+        raise ConfigError(f"{where}: none of its {len(raw)} rows could be read as data.format={fmt}. "
+                          f"Check data.format and data.columns.")
+    # map keeps reused names (chosen, rejected) in their source position; fix the order
+    out = out.select_columns(list(SFT_COLUMNS if task == "sft" else PREF_COLUMNS))
+    skipped = len(raw) - len(out)
+    if skipped:
+        log.warning("%s: skipped %d of %d rows that could not be read as data.format=%s "
+                    "(e.g. no final assistant turn, or chosen identical to rejected)", where, skipped, len(raw), fmt)
+    return out
+
+
+def _convert_batch(batch: dict[str, list], fields: dict[str, str], fmt: str, task: str) -> dict[str, list]:
+    """Batched map: unreadable rows are dropped from the output (their count is the difference)."""
+    names = SFT_COLUMNS if task == "sft" else PREF_COLUMNS
+    out: dict[str, list] = {name: [] for name in names}
+    for i in range(len(next(iter(batch.values())))):
+        try:
+            record = _convert({field: batch[col][i] for field, col in fields.items()}, fmt, task)
+        except RowError:
+            continue
+        for name in names:
+            out[name].append(record[name])
+    return out
+
+
+def _load_jsonl(data_cfg, seed: int, task: str) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    import datasets
+
+    check_data_files(data_cfg)
+    train_records, kind = _read_records(data_cfg, "train_file", task, None)
+    train = datasets.Dataset.from_list(train_records)
+    if _setting(data_cfg, "eval_file") is not None:
+        eval_records, _ = _read_records(data_cfg, "eval_file", task, kind)
+        eval_ = datasets.Dataset.from_list(eval_records)
+    else:
+        train, eval_ = _holdout(train, data_cfg.eval_fraction, seed, f"data.train_file={data_cfg.train_file}")
+    train = _cap(train, data_cfg.max_train_samples, seed, "max_train_samples")
+    if eval_ is not None:
+        eval_ = _cap(eval_, data_cfg.max_eval_samples, seed, "max_eval_samples")
+    return train, eval_
+
+
+def _read_records(data_cfg, key: str, task: str, kind: str | None) -> tuple[list[dict], str]:
+    """Validate and convert every record of one file; ``kind`` (standard/conversational) must match
+    across records and files, since a trainer applies the chat template to all rows or none."""
+    path = _setting(data_cfg, key)
+    where = f"data.{key}={path}"
+    fmt, fields, records = data_cfg.format, None, []
+    kind_line = 0
+    for line_no, obj in _jsonl_objects(Path(path).expanduser(), where):
+        if fields is None:
+            if fmt == "auto":
+                fmt = _detect(list(obj), data_cfg.columns, f"{where} line {line_no}")
+            fields = _field_columns(fmt, task, data_cfg.columns, list(obj), where)
+        missing = [col for col in fields.values() if col not in obj]
+        if missing:
+            raise ConfigError(f"{where} line {line_no}: missing {', '.join(map(repr, missing))}; "
+                              f"data.format={fmt} needs {', '.join(map(repr, fields.values()))} on every line "
+                              f"(rename with data.columns.<field>=<your column>).")
+        try:
+            record = _convert({field: obj[col] for field, col in fields.items()}, fmt, task)
+        except RowError as exc:
+            raise ConfigError(f"{where} line {line_no}: {exc}") from None
+        record_kind = "conversational" if isinstance(record["prompt"], list) else "standard"
+        if kind is None:
+            kind, kind_line = record_kind, line_no
+        elif record_kind != kind:
+            first = f"line {kind_line}" if kind_line else "data.train_file"
+            raise ConfigError(f"{where} line {line_no}: a {record_kind} record after {kind} ones ({first}). "
+                              f"Use strings everywhere or chat lists everywhere.")
+        records.append(record)
+    if not records:
+        raise ConfigError(f"{where}: empty file (no records). Add one JSON object per line.")
+    return records, kind
+
+
+def _jsonl_objects(path: Path, where: str):
+    """Yield (line number, object) for each non-blank line, with precise errors."""
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise ConfigError(f"{where} line {line_no}: not valid UTF-8 (byte {raw[exc.start]:#04x} at "
+                                  f"column {exc.start + 1}). Save the file as UTF-8.") from None
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{where} line {line_no}: not valid JSON ({exc}). "
+                                  f"Each line must hold one JSON object.") from None
+            if not isinstance(obj, dict):
+                raise ConfigError(f"{where} line {line_no}: expected a JSON object ({{...}}), "
+                                  f"got {type(obj).__name__ if not isinstance(obj, list) else 'an array'}.")
+            yield line_no, obj
+
+
+# ------------------------------------------------------------------ splits and caps
+
+
+def _holdout(ds: datasets.Dataset, fraction: float, seed: int, what: str):
+    """Seeded random holdout; ``fraction`` <= 0 means no eval set."""
+    if fraction <= 0:
+        return ds, None
+    n_eval = max(1, round(len(ds) * fraction))
+    if n_eval >= len(ds):
+        raise ConfigError(f"{what}: {len(ds)} record(s) are too few to hold out data.eval_fraction={fraction}. "
+                          f"Give an eval set (data.eval_file / eval split) or lower data.eval_fraction.")
+    parts = ds.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
+    return parts["train"], parts["test"]
+
+
+def _cap(ds: datasets.Dataset, cap: int | None, seed: int, key: str) -> datasets.Dataset:
+    if cap is None:
+        return ds
+    if cap <= 0:
+        raise ConfigError(f"data.{key}={cap}: must be a positive number of examples, or null for all.")
+    return ds.shuffle(seed=seed).select(range(cap)) if cap < len(ds) else ds
+
+
+# ---------------------------------------------------------------- columns and layout
+
+
+def _detect(columns: list[str], colmap, where: str) -> str:
+    names = {field: getattr(colmap, field) for field in ("prompt", "completion", "chosen", "rejected", "messages")}
+    for fmt, needed in AUTO_LAYOUTS:
+        if all(names[f] is not None and names[f] in columns for f in needed):
+            return fmt
+    accepted = "; ".join(f"{'+'.join(names[f] or f'<{f}>' for f in needed)} ({fmt})" for fmt, needed in AUTO_LAYOUTS)
+    raise ConfigError(f"{where}: cannot tell the layout from columns {', '.join(map(repr, columns)) or '(none)'}. "
+                      f"Accepted: {accepted}.\nRename them with data.columns.<field>=<column>, or set data.format.")
+
+
+def _field_columns(fmt: str, task: str, colmap, available: list[str], where: str) -> dict[str, str]:
+    """The source column of each field the conversion reads (optional prompt left out when null)."""
+    if task == "pref" and fmt in ("messages", "prompt_completion"):
+        raise ConfigError(f"{where}: data.format={fmt} has no rejected answers; reward modelling, DPO and PPO "
+                          f"need preference pairs: data.format=preference (prompt, chosen, rejected) or hh.")
+    if fmt == "hh":
+        needed, optional = (["chosen"] if task == "sft" else ["chosen", "rejected"]), []
+    elif fmt == "preference" and task == "sft" and colmap.messages and colmap.messages in available:
+        needed, optional = ["messages"], []
+    elif fmt == "preference":
+        needed, optional = (["chosen"] if task == "sft" else ["chosen", "rejected"]), ["prompt"]
+    elif fmt == "messages":
+        needed, optional = ["messages"], []
+    else:
+        needed, optional = ["prompt", "completion"], []
+    unset = [f for f in needed if getattr(colmap, f) is None]
+    if unset:
+        raise ConfigError(f"data.format={fmt} reads {', '.join(unset)}, but data.columns.{unset[0]} is null. "
+                          f"Set data.columns.{unset[0]}=<column>.")
+    fields = {f: getattr(colmap, f) for f in optional if getattr(colmap, f) is not None}
+    fields.update({f: getattr(colmap, f) for f in needed})
+    return fields
+
+
+# ----------------------------------------------------------------- record conversion
+
+
+def _convert(values: dict[str, Any], fmt: str, task: str) -> dict[str, Any]:
+    """One source record (fields already renamed) -> an SFT or preference record; RowError if bad."""
+    if "messages" in values:
+        return _from_messages(_messages(values["messages"], "messages"))
+    if fmt == "hh":
+        if task == "sft":
+            return _from_messages(_parse_hh(values["chosen"], "chosen"))
+        values = {"chosen": _parse_hh(values["chosen"], "chosen"),
+                  "rejected": _parse_hh(values["rejected"], "rejected")}
+    answer_fields = ["completion"] if fmt == "prompt_completion" else (
+        ["chosen"] if task == "sft" else ["chosen", "rejected"])
+    prompt, answers = _pair(values.get("prompt"), {f: values[f] for f in answer_fields})
+    if task == "sft":
+        return {"prompt": prompt, "completion": answers[answer_fields[0]]}
+    if answers["chosen"] == answers["rejected"]:
+        raise RowError("chosen and rejected are identical, so the pair carries no preference. Remove the record.")
+    return {"prompt": prompt, **answers}
+
+
+def _from_messages(messages: list[dict]) -> dict[str, Any]:
+    if len(messages) < 2:
+        raise RowError("messages: need at least one prompt message before the final assistant turn.")
+    _check_answer(messages, "messages")
+    return {"prompt": messages[:-1], "completion": [messages[-1]]}
+
+
+def _pair(prompt: Any, answers: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """Prompt + answers in one representation: all strings, or chat lists whose shared leading
+    messages (UltraFeedback repeats the user turn in each answer) become the prompt."""
+    if all(isinstance(v, str) for v in answers.values()) and (prompt is None or isinstance(prompt, str)):
+        if prompt is None:
+            raise RowError("no prompt: text answers need a prompt column (set data.columns.prompt).")
+        for name, value in {"prompt": prompt, **answers}.items():
+            if not value.strip():
+                raise RowError(f"{name} is an empty string.")
+        return prompt, answers
+    chats = {}
+    for name, value in answers.items():
+        chats[name] = [{"role": "assistant", "content": value}] if isinstance(value, str) else _messages(value, name)
+        _check_answer(chats[name], name)
+    # an answer given as its final turn alone (e.g. a string) carries no context of its own
+    contexts = [chat[:-1] for chat in chats.values() if len(chat) > 1]
+    if any(ctx != contexts[0] for ctx in contexts[1:]):
+        raise RowError(f"{' and '.join(chats)} differ before their final assistant turn; "
+                       f"they must share the prompt.")
+    context = contexts[0] if contexts else []
+    if prompt is None:
+        full = context
+    elif isinstance(prompt, str):
+        if not prompt.strip():
+            raise RowError("prompt is an empty string.")
+        full = context or [{"role": "user", "content": prompt}]
+    else:
+        given = _messages(prompt, "prompt")
+        full = context if context[: len(given)] == given else given + context
+    if not full:
+        raise RowError("no prompt: the answers hold no messages before the final assistant turn "
+                       "(set data.columns.prompt).")
+    return full, {name: [chat[-1]] for name, chat in chats.items()}
+
+
+def _messages(value: Any, name: str) -> list[dict[str, str]]:
+    if isinstance(value, str):
+        raise RowError(f"{name}: expected a list of messages, got a string.")
+    if not isinstance(value, list) or not value:
+        raise RowError(f"{name}: expected a non-empty list of {{\"role\": str, \"content\": str}} messages, "
+                       f"got {value!r:.60}.")
+    out = []
+    for i, msg in enumerate(value, 1):
+        if not (isinstance(msg, dict) and isinstance(msg.get("role"), str) and isinstance(msg.get("content"), str)):
+            raise RowError(f"{name}: message {i} is not a {{\"role\": str, \"content\": str}} object "
+                           f"(got {msg!r:.60}).")
+        out.append({"role": msg["role"], "content": msg["content"]})
+    return out
+
+
+def _check_answer(chat: list[dict[str, str]], name: str) -> None:
+    last = chat[-1]
+    if last["role"] != "assistant":
+        raise RowError(f"{name}: the final message is a {last['role']!r} turn; it must be the assistant's answer.")
+    if not last["content"].strip():
+        raise RowError(f"{name}: the final assistant message is an empty string.")
+
+
+def _parse_hh(text: Any, name: str) -> list[dict[str, str]]:
+    """``"\\n\\nHuman: a\\n\\nAssistant: b"`` -> user/assistant messages (content stripped)."""
+    if not isinstance(text, str):
+        raise RowError(f"{name}: expected a Human:/Assistant: transcript string, got {type(text).__name__}.")
+    parts = _HH_TURN.split(text)
+    if parts[0].strip():
+        raise RowError(f"{name}: text before the first 'Human:' turn; not an HH transcript.")
+    messages = [{"role": _HH_ROLES[role], "content": content.strip()}
+                for role, content in zip(parts[1::2], parts[2::2])]
+    if not messages or messages[-1]["role"] != "assistant":
+        raise RowError(f"{name}: no final 'Assistant:' turn in the transcript.")
+    if len(messages) < 2:
+        raise RowError(f"{name}: no 'Human:' turn before the final 'Assistant:' turn.")
+    _check_answer(messages, name)
+    return messages
+
+
+def _setting(data_cfg, key: str) -> str | None:
+    """A file setting, with OmegaConf's '???' (unset mandatory) read as None."""
+    try:
+        value = getattr(data_cfg, key)
+    except MissingMandatoryValue:
+        return None
+    return None if value in (None, MISSING) else value

@@ -1,0 +1,116 @@
+"""Bad input fails before any model loads, in one or two lines that name the key and the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from rlhf_exp.config.errors import ConfigError
+from rlhf_exp.config.validate import validate
+from tests.conftest import run_cli
+
+
+def error_of(compose, overrides: list[str]) -> str:
+    with pytest.raises(ConfigError) as info:
+        validate(compose(overrides))
+    return str(info.value)
+
+
+def test_unknown_key_names_it_and_suggests_the_right_one(compose):
+    message = error_of(compose, ["phase=dpo", "phase.betta=0.1"])
+    assert "unknown key 'phase.betta'" in message and "Did you mean 'phase.beta'?" in message
+    assert "Valid keys under phase:" in message and "beta" in message
+
+
+def test_wrong_type_names_key_value_and_type(compose):
+    message = error_of(compose, ["phase.learning_rate=abc"])
+    assert message.startswith("phase.learning_rate: 'abc' is not a valid float")
+
+
+def test_unknown_group_option_lists_valid_ones(compose):
+    message = error_of(compose, ["model=nope"])
+    assert message == "model=nope: no such option. Valid options for model: llama3_8b, mistral_7b_v03, qwen2_5_7b, tiny"
+
+
+def test_setting_of_another_phase_names_its_owner(compose):
+    message = error_of(compose, ["phase=sft", "phase.beta=0.1"])
+    assert "'phase.beta' is a setting of phase=dpo, not of phase=sft" in message
+
+
+def test_ppo_setting_given_to_dpo(compose):
+    assert "is a setting of phase=ppo, not of phase=dpo" in error_of(compose, ["phase=dpo", "phase.kl_coef=0.1"])
+
+
+def test_missing_data_file(compose):
+    message = error_of(compose, ["data=jsonl", "model=qwen2_5_7b", "data.train_file=/no/such/train.jsonl"])
+    assert message == "data.train_file=/no/such/train.jsonl: file not found"
+
+
+def test_jsonl_without_a_file_says_which_key_to_add(compose):
+    assert "add data.train_file=" in error_of(compose, ["data=jsonl", "model=qwen2_5_7b"])
+
+
+def test_invalid_enum_lists_choices(compose):
+    message = error_of(compose, ["hardware.precision=bf17"])
+    assert message == "hardware.precision: 'bf17' is not a valid choice. Valid choices: fp32, bf16, fp16"
+
+
+def test_plus_cannot_smuggle_a_key_past_the_schema(compose):
+    assert "unknown key 'phase.foo'" in error_of(compose, ["+phase.foo=1"])
+
+
+def test_top_level_typo(compose):
+    assert "Did you mean 'model'?" in error_of(compose, ["modle=tiny"])
+
+
+def test_sweep_syntax_without_multirun(compose):
+    assert "add -m" in error_of(compose, ["phase.num_epochs=1,2"])
+
+
+def test_cross_field_rules_are_gathered_in_one_message(compose):
+    message = error_of(compose, ["phase.learning_rate=-1", "phase.per_device_train_batch_size=0"])
+    assert "phase.learning_rate=-1.0: must be > 0" in message
+    assert "phase.per_device_train_batch_size=0: must be >= 1" in message
+
+
+def test_tiny_model_refuses_text_data(compose):
+    assert "only covers data=synthetic" in error_of(compose, ["data=hh_rlhf"])
+
+
+def test_fp16_on_cpu(compose):
+    assert "needs a GPU" in error_of(compose, ["hardware.precision=fp16"])
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["phase=dpo", "phase.betta=0.1"], "unknown key 'phase.betta'"),
+        (["phase.learning_rate=abc"], "'abc' is not a valid float"),
+        (["model=nope"], "Valid options for model: llama3_8b, mistral_7b_v03, qwen2_5_7b, tiny"),
+        (["phase=sft", "phase.beta=0.1"], "is a setting of phase=dpo"),
+        (["data=jsonl", "model=qwen2_5_7b", "data.train_file=/no/such.jsonl"], "file not found"),
+        (["-m", "phase.learning_rate=1e-3,abc"], "'abc' is not a valid float"),
+    ],
+)
+def test_cli_exits_2_with_a_short_message_and_no_traceback(args, expected, tmp_path):
+    proc = run_cli([*args, f"output_root={tmp_path}"])
+    assert proc.returncode == 2
+    assert expected in proc.stderr
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    assert proc.stderr.startswith("rlhf_exp: error: ")
+    assert len(proc.stderr.strip().splitlines()) <= 2
+    assert not (tmp_path / "runs").exists(), "nothing may be created before the config is valid"
+
+
+def test_missing_parent_run_prints_the_command_that_makes_one(tmp_path):
+    proc = run_cli(["phase=dpo", f"output_root={tmp_path}"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"python -m rlhf_exp phase=sft model=tiny data=synthetic output_root={tmp_path}" in proc.stderr
+
+
+def test_parent_of_the_wrong_phase_is_refused(tmp_path):
+    run = tmp_path / "runs" / "x_dpo"
+    run.mkdir(parents=True)
+    (run / "manifest.json").write_text('{"run_id": "x_dpo", "phase": "dpo", "status": "succeeded"}')
+    proc = run_cli(["phase=dpo", f"phase.sft_run={run}", f"output_root={tmp_path}"])
+    assert proc.returncode == 2
+    assert "is a run of phase=dpo; phase.sft_run needs a run of phase=sft" in proc.stderr

@@ -1,0 +1,54 @@
+"""Shared fixtures: compose configs through the real Hydra path, run the real CLI in a subprocess,
+and train the embedded SFT model once per session for the tests that build on it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+
+@pytest.fixture
+def compose():
+    """compose(overrides) -> DictConfig through the CLI's own compose (errors become ConfigError)."""
+    from rlhf_exp.cli import compose as _compose
+
+    return _compose
+
+
+def run_cli(args: list[str], cwd: Path | None = None, env: dict | None = None, timeout: int = 900):
+    """Run ``python -m rlhf_exp ARGS`` as a user would; returns the CompletedProcess."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", **(env or {})}
+    full_env.pop("WANDB_API_KEY", None) if env is None or "WANDB_API_KEY" not in env else None
+    return subprocess.run([sys.executable, "-m", "rlhf_exp", *args], cwd=cwd or ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def only_run(output_root: Path, phase: str) -> Path:
+    runs = sorted((output_root / "runs").glob(f"*_{phase}"))
+    assert len(runs) == 1, f"expected one {phase} run under {output_root}, found {runs}"
+    return runs[0]
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+
+
+@pytest.fixture(scope="session")
+def sft_run(tmp_path_factory) -> Path:
+    """The README's main command (SFT on the embedded default), run once through the CLI."""
+    root = tmp_path_factory.mktemp("outputs")
+    proc = run_cli([f"output_root={root}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return only_run(root, "sft")
