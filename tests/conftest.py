@@ -25,8 +25,9 @@ def compose():
 
 def run_cli(args: list[str], cwd: Path | None = None, env: dict | None = None, timeout: int = 900):
     """Run ``python -m rlhf_exp ARGS`` as a user would; returns the CompletedProcess."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", **(env or {})}
-    full_env.pop("WANDB_API_KEY", None) if env is None or "WANDB_API_KEY" not in env else None
+    # a user's W&B settings must not leak into tests: no key, no forced mode unless a test asks
+    full_env = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "WANDB_MODE")}
+    full_env.update({"PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", **(env or {})})
     return subprocess.run([sys.executable, "-m", "rlhf_exp", *args], cwd=cwd or ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 

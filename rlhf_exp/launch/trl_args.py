@@ -16,6 +16,16 @@ def _value(enum_or_str) -> str:
     return str(getattr(enum_or_str, "value", enum_or_str))
 
 
+def _checkpointing_key() -> str:
+    """transformers >= 5.2x renamed gradient_checkpointing to activation_checkpointing (old name warns)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+
+
 def training_kwargs(cfg: RunConfig, run_dir: Path, has_eval: bool) -> dict[str, Any]:
     """Arguments shared by every TRL trainer (they are transformers.TrainingArguments fields)."""
     phase, hw = cfg.phase, cfg.hardware
@@ -48,7 +58,7 @@ def training_kwargs(cfg: RunConfig, run_dir: Path, has_eval: bool) -> dict[str, 
         "greater_is_better": False,
         "bf16": precision == "bf16",
         "fp16": precision == "fp16",
-        "gradient_checkpointing": hw.gradient_checkpointing,
+        _checkpointing_key(): hw.gradient_checkpointing,
         "use_cpu": _value(hw.accelerator) == "cpu",
         "seed": cfg.seed,
         "data_seed": cfg.seed,

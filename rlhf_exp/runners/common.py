@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from dataclasses import dataclass
+from typing import Any
 
 from rlhf_exp.config.schema import RunConfig
 from rlhf_exp.data.loading import PhaseData
@@ -49,10 +51,22 @@ def gold(cfg: RunConfig, model, tokenizer, data: PhaseData, run: Run, name: str)
                       desc=f"gold eval ({name})")
 
 
-def train_evaluate_save(cfg: RunConfig, run: Run, trainer, log: RunLogCallback, tokenizer, data: PhaseData,
-                        metrics: dict) -> dict:
+@dataclass
+class Built:
+    """A runner's trainer and what finishing the run needs."""
+
+    trainer: Any
+    log: RunLogCallback
+    tokenizer: Any
+    data: PhaseData
+    metrics: dict
+
+
+def train_evaluate_save(cfg: RunConfig, run: Run, built: Built) -> dict:
     """Train, evaluate the final (best) model, save it for the next phase, write the summary."""
     from rlhf_exp.models import save_for_next_phase
+
+    trainer, log, tokenizer, data, metrics = built.trainer, built.log, built.tokenizer, built.data, built.metrics
 
     from transformers.trainer_callback import ProgressCallback
 

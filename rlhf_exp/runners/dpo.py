@@ -10,14 +10,14 @@ from rlhf_exp.config.schema import RunConfig
 from rlhf_exp.tracking.run import Run
 
 
-def run(cfg: RunConfig, run: Run) -> dict:
+def build(cfg: RunConfig, run: Run):
     from transformers import set_seed
     from trl import DPOTrainer
 
     from rlhf_exp.data.loading import preference_data
     from rlhf_exp.launch.trl_args import dpo_config
     from rlhf_exp.models import load_causal_lm, load_tokenizer, lora_config
-    from rlhf_exp.runners.common import callbacks, gold, quiet_libraries, train_evaluate_save
+    from rlhf_exp.runners.common import Built, callbacks, gold, quiet_libraries
 
     quiet_libraries()
     set_seed(cfg.seed)
@@ -42,4 +42,10 @@ def run(cfg: RunConfig, run: Run) -> dict:
         peft_config=lora_config(cfg.model, cfg.hardware),
         callbacks=cbs,
     )
-    return train_evaluate_save(cfg, run, trainer, log, tokenizer, data, metrics)
+    return Built(trainer, log, tokenizer, data, metrics)
+
+
+def run(cfg: RunConfig, run: Run) -> dict:
+    from rlhf_exp.runners.common import train_evaluate_save
+
+    return train_evaluate_save(cfg, run, build(cfg, run))

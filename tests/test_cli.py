@@ -1,0 +1,55 @@
+"""The real CLI: help and config inspection stay light; dry runs resolve the plan without loading."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, run_cli
+
+PROBE = """
+import sys
+from rlhf_exp.cli import main
+try:
+    main({args!r})
+except SystemExit as exc:
+    code = exc.code
+else:
+    code = 0
+heavy = sorted(m for m in ("torch", "transformers", "trl", "datasets", "peft") if m in sys.modules)
+print("HEAVY=" + ",".join(heavy), "CODE=" + str(code))
+"""
+
+
+def probe(args: list[str]) -> str:
+    proc = subprocess.run([sys.executable, "-c", PROBE.format(args=args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    return proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--cfg", "job"], ["--info"], ["--cfg", "job", "phase=ppo", "hardware=a100x8"],
+                                  ["phase.betta=1"]])
+def test_light_paths_import_no_ml_library(args):
+    out = probe(args)
+    assert "HEAVY= " in out, out[-2000:]
+
+
+def test_help_lists_groups_and_examples():
+    proc = run_cli(["--help"])
+    assert proc.returncode == 0
+    for text in ("model: ", "phase: ", "hardware: ", "python -m rlhf_exp phase=dpo", "summary.json"):
+        assert text in proc.stdout
+
+
+def test_cfg_job_prints_the_composed_config():
+    proc = run_cli(["--cfg", "job", "phase=dpo", "phase.beta=0.25"])
+    assert proc.returncode == 0 and "beta: 0.25" in proc.stdout and "name: dpo" in proc.stdout
+
+
+def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path):
+    out = probe(["dry_run=true", "phase=dpo", f"output_root={tmp_path}", "hardware.lora=true"])
+    assert "HEAVY= " in out and "phase     : dpo" in out and "lora=True" in out
+    assert "unresolved" in out and "python -m rlhf_exp phase=sft" in out
+    assert not list(tmp_path.rglob("manifest.json"))

@@ -1,0 +1,55 @@
+"""Tokenizer and model building: the embedded model and the hub loading path on a local folder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf_exp.models import TINY_VOCAB, build_tiny_model, build_tiny_tokenizer, load_causal_lm, load_kwargs, load_tokenizer
+
+
+def test_tiny_tokenizer_round_trip_and_special_tokens():
+    tok = build_tiny_tokenizer()
+    ids = tok("3 1 4 1 5 = 1 1 3 4 5<eos>")["input_ids"]
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+    assert len(ids) == 13 and tok.unk_token_id not in ids
+    assert tok.decode(ids, skip_special_tokens=True) == "3 1 4 1 5 = 1 1 3 4 5"
+    assert len(tok) == len(TINY_VOCAB) == 15
+
+
+def test_tiny_model_is_small_and_deterministic(compose):
+    cfg = compose([])
+    from omegaconf import OmegaConf
+
+    model_cfg = OmegaConf.to_object(cfg).model
+    tok = build_tiny_tokenizer()
+    a, b = build_tiny_model(model_cfg, tok), build_tiny_model(model_cfg, tok)
+    assert 50_000 < sum(p.numel() for p in a.parameters()) < 200_000
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(pa, pb), name
+
+
+def test_hub_path_loads_a_local_folder_with_the_presets_settings(compose, tmp_path):
+    """model=<real preset> model.path=<folder>: the real from_pretrained code path, no download."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_object(compose([]))
+    tok = build_tiny_tokenizer()
+    build_tiny_model(cfg.model, tok).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    hub = OmegaConf.to_object(compose(["model=qwen2_5_7b", f"model.path={tmp_path}", "model.chat_template=chatml",
+                                       "data=ultrafeedback_binarized"]))
+    tokenizer = load_tokenizer(hub.model)
+    assert "<|im_start|>" in tokenizer.chat_template
+    model = load_causal_lm(hub.model, hub.hardware, tokenizer)
+    assert model.dtype == torch.bfloat16  # the preset's dtype was applied
+    assert load_kwargs(hub.model, hub.hardware).get("attn_implementation") is None  # sdpa only asked on CUDA
+
+
+@pytest.mark.parametrize("precision,expected", [("bf16", torch.bfloat16), ("fp32", "auto")])
+def test_auto_dtype_follows_hardware_precision(compose, precision, expected):
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_object(compose(["model=qwen2_5_7b", "model.dtype=auto", "data=ultrafeedback_binarized",
+                                       f"hardware.precision={precision}"]))
+    assert load_kwargs(cfg.model, cfg.hardware)["dtype"] == expected
