@@ -17,7 +17,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf_exp.config.errors import CONF_DIR, ConfigError, translate
+from rlhf_exp.config.errors import CONF_DIR, ConfigError, config_groups, group_options, translate
 from rlhf_exp.config.schema import register_configs
 from rlhf_exp.config.validate import validate
 
@@ -143,10 +143,47 @@ def print_result(phase: str, run_dir: Path, metrics: dict) -> None:
           f"{', '.join(shown)}\nrlhf_exp: run folder {run_dir} (summary.json, metrics.jsonl, manifest.json)")
 
 
+HELP_HEADER = """rlhf_exp: RLHF experiments (SFT, reward model, PPO, DPO) from composable configs.
+
+Usage: python -m rlhf_exp [group=option ...] [key=value ...] [--cfg job] [-m]
+"""
+
+HELP_FOOTER = """Examples:
+  python -m rlhf_exp                                  SFT on the embedded task (tiny model, CPU)
+  python -m rlhf_exp phase=dpo                        DPO from the latest matching SFT run
+  python -m rlhf_exp phase=dpo phase.beta=0.2 phase.sft_run=<run folder or run id>
+  python -m rlhf_exp model=qwen2_5_7b data=ultrafeedback_binarized hardware=a100x1
+  python -m rlhf_exp --cfg job                        show the composed config; load nothing
+  python -m rlhf_exp dry_run=true                     compose, check, print the plan; load nothing
+  python -m rlhf_exp phase=dpo --help                 this help with the DPO settings below
+
+Each run writes outputs/runs/<run id>/: config.yaml, manifest.json, metrics.jsonl, summary.json.
+Hydra's own flags: --hydra-help."""
+
+
+def print_help(overrides: list[str]) -> None:
+    """Our --help: one composition (Hydra's lists each group by recomposing, ~1 s)."""
+    cfg = compose(overrides)
+    print(HELP_HEADER)
+    print("== Config groups ==  pick one option per group (e.g. model=tiny)\n")
+    for group in config_groups():
+        options = [o for o in group_options(group) if not o.startswith("base_")]
+        print(f"{group}: {', '.join(options)}")
+    print("\n== Config ==  any key below can be overridden (e.g. phase.learning_rate=1e-5)\n")
+    print(OmegaConf.to_yaml(cfg))
+    print(HELP_FOOTER)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     flags = _hydra_flags(argv)
-    if not (flags.help or flags.hydra_help or flags.info or flags.shell_completion):
+    if flags.help:
+        try:
+            print_help(flags.overrides)
+        except ConfigError as exc:
+            fail(str(exc))
+        return
+    if not (flags.hydra_help or flags.info or flags.shell_completion):
         try:
             preflight(flags.overrides, multirun=flags.multirun, check_rules=flags.cfg is None)
         except ConfigError as exc:
