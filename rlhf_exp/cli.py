@@ -80,11 +80,15 @@ def compose(overrides: list[str]) -> DictConfig:
         GlobalHydra.instance().clear()
 
 
-def preflight(overrides: list[str], multirun: bool, check_rules: bool) -> None:
+def preflight(overrides: list[str], multirun: bool, check_rules: bool) -> DictConfig:
+    """Compose (and check) every variant of the command line; returns the first composed config."""
+    first = None
     for variant in itertools.islice(_override_variants(overrides, multirun), 64):
         cfg = compose(variant)
         if check_rules:
             validate(cfg)
+        first = first if first is not None else cfg
+    return first
 
 
 def _hydra_flags(argv: list[str]):
@@ -101,11 +105,6 @@ def run_job(cfg: DictConfig):
 
     try:
         validate(cfg)
-        if cfg.dry_run:
-            from rlhf_exp.plan import print_plan
-
-            print_plan(cfg)
-            return None
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         parents = resolve_parents(cfg)
         if cfg.hardware.num_processes * cfg.hardware.num_nodes > 1:
@@ -185,9 +184,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not (flags.hydra_help or flags.info or flags.shell_completion):
         try:
-            preflight(flags.overrides, multirun=flags.multirun, check_rules=flags.cfg is None)
+            cfg = preflight(flags.overrides, multirun=flags.multirun, check_rules=flags.cfg is None)
         except ConfigError as exc:
             fail(str(exc))
+        if cfg.dry_run and flags.cfg is None and not flags.multirun:
+            from rlhf_exp.plan import print_plan
+
+            print_plan(cfg)  # before Hydra, so a dry run leaves no run folder behind
+            return
 
     import hydra
 

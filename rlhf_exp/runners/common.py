@@ -51,6 +51,14 @@ def gold(cfg: RunConfig, model, tokenizer, data: PhaseData, run: Run, name: str)
                       desc=f"gold eval ({name})")
 
 
+def record_initial_gold(cfg: RunConfig, model, tokenizer, data: PhaseData, run: Run, metrics: dict) -> None:
+    """Gold score of the starting model (untrained or the parent's), the baseline the phase must beat."""
+    initial = gold(cfg, model, tokenizer, data, run, "initial")
+    if initial is not None:
+        metrics["gold_score_initial"] = initial
+        run.log({"eval/gold_score": initial}, step=0)
+
+
 @dataclass
 class Built:
     """A runner's trainer and what finishing the run needs."""

@@ -17,7 +17,7 @@ def build(cfg: RunConfig, run: Run):
     from rlhf_exp.data.loading import preference_data
     from rlhf_exp.launch.trl_args import dpo_config
     from rlhf_exp.models import load_causal_lm, load_tokenizer, lora_config
-    from rlhf_exp.runners.common import Built, callbacks, gold, quiet_libraries
+    from rlhf_exp.runners.common import Built, callbacks, quiet_libraries, record_initial_gold
 
     quiet_libraries()
     set_seed(cfg.seed)
@@ -26,10 +26,7 @@ def build(cfg: RunConfig, run: Run):
     tokenizer = load_tokenizer(cfg.model, checkpoint=sft["checkpoint"])
     model = load_causal_lm(cfg.model, cfg.hardware, tokenizer, checkpoint=sft["checkpoint"])
     metrics: dict = {"sft_run": sft["run_id"]}
-    initial = gold(cfg, model, tokenizer, data, run, "initial")
-    if initial is not None:
-        metrics["gold_score_initial"] = initial
-        run.log({"eval/gold_score": initial}, step=0)
+    record_initial_gold(cfg, model, tokenizer, data, run, metrics)
 
     log, cbs = callbacks(cfg, run, data)
     trainer = DPOTrainer(

@@ -14,7 +14,7 @@ def build(cfg: RunConfig, run: Run):
     from rlhf_exp.data.loading import sft_data
     from rlhf_exp.launch.trl_args import sft_config
     from rlhf_exp.models import load_causal_lm, load_tokenizer, lora_config
-    from rlhf_exp.runners.common import Built, callbacks, gold, quiet_libraries
+    from rlhf_exp.runners.common import Built, callbacks, quiet_libraries, record_initial_gold
 
     quiet_libraries()
     set_seed(cfg.seed)
@@ -22,10 +22,7 @@ def build(cfg: RunConfig, run: Run):
     tokenizer = load_tokenizer(cfg.model)
     model = load_causal_lm(cfg.model, cfg.hardware, tokenizer)
     metrics: dict = {}
-    initial = gold(cfg, model, tokenizer, data, run, "initial")
-    if initial is not None:
-        metrics["gold_score_initial"] = initial
-        run.log({"eval/gold_score": initial}, step=0)
+    record_initial_gold(cfg, model, tokenizer, data, run, metrics)
 
     log, cbs = callbacks(cfg, run, data)
     trainer = SFTTrainer(
