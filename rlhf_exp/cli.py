@@ -40,11 +40,15 @@ def _override_variants(overrides: list[str], multirun: bool) -> list[list[str]]:
     parsed = OverridesParser.create().parse_overrides(overrides)
     choices: list[list[str]] = []
     for override in parsed:
+        if override.value_type is not None and override.value_type.name == "GLOB_CHOICE_SWEEP":
+            continue  # glob(...) needs Hydra's config loader to expand; Hydra checks what it yields
         if override.is_sweep_override():
             key = override.get_key_element()
             choices.append([f"{key}={value}" for value in override.sweep_string_iterator()])
         else:
             choices.append([override.input_line])
+    if not choices:
+        return [[]]
     variants = [[c[0] for c in choices]]
     for i, c in enumerate(choices):
         for value in c[1:]:
@@ -60,7 +64,7 @@ def _phase_choice(overrides: list[str]) -> str | None:
     return None
 
 
-def compose(overrides: list[str]) -> DictConfig:
+def compose(overrides: list[str], config_dir: Path = CONF_DIR) -> DictConfig:
     """Compose ``conf/config.yaml`` with overrides, raising ConfigError with a readable message."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -68,7 +72,7 @@ def compose(overrides: list[str]) -> DictConfig:
 
     try:
         GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="rlhf_exp"):
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3", job_name="rlhf_exp"):
             return hydra_compose(config_name="config", overrides=overrides)
     except Exception as exc:  # Hydra/OmegaConf raise many types; all become one readable line
         from hydra.errors import OverrideParseException
@@ -80,15 +84,40 @@ def compose(overrides: list[str]) -> DictConfig:
         GlobalHydra.instance().clear()
 
 
-def preflight(overrides: list[str], multirun: bool, check_rules: bool) -> DictConfig:
-    """Compose (and check) every variant of the command line; returns the first composed config."""
-    first = None
-    for variant in itertools.islice(_override_variants(overrides, multirun), 64):
+def preflight(overrides: list[str], multirun: bool, check_rules: bool) -> list[DictConfig]:
+    """Compose (and check) every variant of the command line before Hydra starts a job."""
+    try:
+        variants = list(itertools.islice(_override_variants(overrides, multirun), 64))
+    except Exception as exc:  # the override parser's and sweep iterators' own errors
+        raise ConfigError(str(exc).splitlines()[0]) from exc
+    cfgs = []
+    for variant in variants:
         cfg = compose(variant)
         if check_rules:
             validate(cfg)
-        first = first if first is not None else cfg
-    return first
+        cfgs.append(cfg)
+    return cfgs
+
+
+def plan(cfgs: list[DictConfig]) -> list[str]:
+    """Light checks a run needs before Hydra makes its folder: the phase has a runner, the hardware
+    fits one process, the parent runs exist. A parent taken by default is resolved here, once, and
+    pinned into the command (so jobs of one sweep share it); returns those pinning overrides."""
+    from rlhf_exp.launch.distributed import check_multiprocess_launch
+    from rlhf_exp.runners import get_runner
+    from rlhf_exp.tracking.lineage import PARENTS, resolve_parents
+
+    pinned: dict[str, set[str]] = {}
+    for i, cfg in enumerate(cfgs):
+        get_runner(cfg.phase.name)
+        check_multiprocess_launch(cfg)
+        defaults = [key for _, key in PARENTS[cfg.phase.name] if not cfg.phase.get(key)]
+        for parent, (_, key) in zip(resolve_parents(cfg, announce=i == 0), PARENTS[cfg.phase.name]):
+            if key in defaults:
+                pinned.setdefault(key, set()).add(parent["path"])
+    same_phase = len({cfg.phase.name for cfg in cfgs}) == 1
+    return [f"phase.{key}='{next(iter(paths))}'" for key, paths in pinned.items()
+            if same_phase and len(paths) == 1 and "'" not in next(iter(paths))]
 
 
 def _hydra_flags(argv: list[str]):
@@ -105,12 +134,16 @@ def run_job(cfg: DictConfig):
 
     try:
         validate(cfg)
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
-        parents = resolve_parents(cfg)
-        if cfg.hardware.num_processes * cfg.hardware.num_nodes > 1:
-            from rlhf_exp.launch.distributed import check_multiprocess_launch
+        if cfg.dry_run:  # under -m; a single dry run never reaches Hydra
+            from rlhf_exp.plan import print_plan
 
-            check_multiprocess_launch(cfg)
+            print_plan(cfg)
+            return None
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        if (run_dir / "manifest.json").exists():
+            raise ConfigError(f"{run_dir} already holds a run; a run never writes into another run's folder "
+                              "(leave hydra.run.dir at its default)")
+        parents = resolve_parents(cfg, announce=False)
         from rlhf_exp.runners import get_runner
 
         runner = get_runner(cfg.phase.name)
@@ -126,6 +159,7 @@ def run_job(cfg: DictConfig):
     except ConfigError as exc:  # bad data found while loading: the manifest already says "failed"
         fail(str(exc))
     print_result(cfg.phase.name, run_dir, result)
+    # the sweep objective: gold score on the embedded task (higher is better), else eval loss (lower)
     return result.get("gold_score", result.get("eval_loss"))
 
 
@@ -135,7 +169,7 @@ def print_result(phase: str, run_dir: Path, metrics: dict) -> None:
         start = metrics.get("gold_score_initial")
         shown.append(f"gold_score {start:.3f} -> {metrics['gold_score']:.3f}" if start is not None
                      else f"gold_score {metrics['gold_score']:.3f}")
-    for key in ("eval_loss", "eval_perplexity", "eval_rewards/accuracies"):
+    for key in ("eval_loss", "eval_perplexity", "eval_rewards_accuracies"):
         if key in metrics:
             shown.append(f"{key} {metrics[key]:.4g}")
     print(f"rlhf_exp: {phase} finished in {metrics.get('train_runtime_s', 0):.0f}s of training: "
@@ -175,6 +209,9 @@ def print_help(overrides: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not (CONF_DIR / "config.yaml").is_file():
+        fail(f"no configs at {CONF_DIR}: rlhf_exp runs from a clone of its repository, installed with "
+             "`pip install -e .` (a plain `pip install .` leaves conf/ behind)")
     flags = _hydra_flags(argv)
     if flags.help:
         try:
@@ -184,14 +221,16 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not (flags.hydra_help or flags.info or flags.shell_completion):
         try:
-            cfg = preflight(flags.overrides, multirun=flags.multirun, check_rules=flags.cfg is None)
+            cfgs = preflight(flags.overrides, multirun=flags.multirun, check_rules=flags.cfg is None)
+            if flags.cfg is None and cfgs[0].dry_run and not flags.multirun:
+                from rlhf_exp.plan import print_plan
+
+                print_plan(cfgs[0])  # before Hydra, so a dry run leaves no run folder behind
+                return
+            if flags.cfg is None and not any(cfg.dry_run for cfg in cfgs):
+                argv += plan(cfgs)
         except ConfigError as exc:
             fail(str(exc))
-        if cfg.dry_run and flags.cfg is None and not flags.multirun:
-            from rlhf_exp.plan import print_plan
-
-            print_plan(cfg)  # before Hydra, so a dry run leaves no run folder behind
-            return
 
     import hydra
 

@@ -16,7 +16,7 @@ from rlhf_exp.config.schema import HardwareConfig, ModelConfig
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 TINY_VOCAB = ["<pad>", "<bos>", "<eos>", "<unk>", "=", *map(str, range(10))]
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def build_tiny_tokenizer():
@@ -97,12 +97,12 @@ def load_tokenizer(model_cfg: ModelConfig, checkpoint: str | None = None):
 
 def load_kwargs(model_cfg: ModelConfig, hardware: HardwareConfig) -> dict[str, Any]:
     """Arguments for ``from_pretrained``: the one place dtype and attention kernel are chosen."""
-    precision = str(getattr(hardware.precision, "value", hardware.precision))
-    dtype = model_cfg.dtype
-    if dtype == "auto" and precision in ("bf16", "fp16"):
-        dtype = "bfloat16" if precision == "bf16" else "float16"
+    dtype = str(model_cfg.dtype)
+    if dtype == "auto":
+        # weights in the precision the run computes in: an fp32 run never trains bf16 weights
+        dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[str(hardware.precision)]
     kwargs: dict[str, Any] = {"dtype": _DTYPES[dtype], "trust_remote_code": model_cfg.trust_remote_code}
-    if model_cfg.attn_implementation and str(getattr(hardware.accelerator, "value", hardware.accelerator)) == "cuda":
+    if model_cfg.attn_implementation and hardware.accelerator == "cuda":
         kwargs["attn_implementation"] = model_cfg.attn_implementation
     return kwargs
 

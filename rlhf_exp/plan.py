@@ -14,7 +14,7 @@ def print_plan(cfg: DictConfig) -> None:
     print(f"model     : {cfg.model.name} ({cfg.model.source}{': ' + cfg.model.path if cfg.model.path else ''})")
     print(f"data      : {cfg.data.name} ({cfg.data.source}{': ' + cfg.data.path if cfg.data.path else ''})")
     print(f"hardware  : {hw.name} ({hw.num_nodes} node(s) x {hw.num_processes} process(es), "
-          f"{getattr(hw.precision, 'value', hw.precision)}, distributed={getattr(hw.distributed, 'value', hw.distributed)}, "
+          f"{hw.precision}, distributed={hw.distributed}, "
           f"lora={hw.lora})")
     print(f"parents   : {describe_parents(cfg)}")
     print(f"logger    : {cfg.logger.name}")

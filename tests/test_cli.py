@@ -48,6 +48,12 @@ def test_cfg_job_prints_the_composed_config():
     assert proc.returncode == 0 and "beta: 0.25" in proc.stdout and "name: dpo" in proc.stdout
 
 
+def test_multirun_dry_run_trains_nothing(tmp_path):
+    proc = run_cli(["-m", "dry_run=true", "seed=0,1", f"output_root={tmp_path}"])
+    assert proc.returncode == 0 and proc.stdout.count("dry run: nothing loaded") == 2
+    assert not list(tmp_path.rglob("manifest.json")) and not list(tmp_path.rglob("checkpoints"))
+
+
 def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path):
     out = probe(["dry_run=true", "phase=dpo", f"output_root={tmp_path}", "hardware.lora=true"])
     assert "HEAVY= " in out and "phase     : dpo" in out and "lora=True" in out

@@ -46,7 +46,7 @@ def test_hub_path_loads_a_local_folder_with_the_presets_settings(compose, tmp_pa
     assert load_kwargs(hub.model, hub.hardware).get("attn_implementation") is None  # sdpa only asked on CUDA
 
 
-@pytest.mark.parametrize("precision,expected", [("bf16", torch.bfloat16), ("fp32", "auto")])
+@pytest.mark.parametrize("precision,expected", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
 def test_auto_dtype_follows_hardware_precision(compose, precision, expected):
     from omegaconf import OmegaConf
 

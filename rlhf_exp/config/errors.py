@@ -106,6 +106,9 @@ def validation_message(full_key: str, msg: str, value_hint: str | None) -> str:
     m = re.match(r"Invalid value '(.*)', expected one of \[(.*)\]", first)
     if m:
         return f"{full_key}: '{m.group(1)}' is not a valid choice. Valid choices: {m.group(2)}"
+    m = re.match(r"Value '(.*)' is not a valid bool", first)
+    if m:
+        return f"{full_key}: '{m.group(1)}' is not a valid bool. Use {full_key}=true or {full_key}=false"
     return f"{full_key}: {first}"
 
 
@@ -119,10 +122,16 @@ def translate(exc: BaseException, phase_name: str | None) -> str:
         if message:
             return message
     cause = exc.__cause__ or exc
-    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and getattr(cause, "full_key", None):
-        return unknown_key_message(str(cause.full_key), phase_name)
-    if isinstance(cause, ValidationError) and getattr(cause, "full_key", None):
-        return validation_message(str(cause.full_key), str(cause.msg), _example_value(str(cause.full_key), phase_name))
+    # a bad key or value inside a YAML file: Hydra wraps it without a cause; the text names the file
+    source = re.match(r"In '([^']+)': (\w+) raised while composing config", text)
+    where = f"in conf/{source.group(1)}.yaml: " if source else ""
+    full_key = getattr(cause, "full_key", None) or _text_field(text, "full_key")
+    kind = type(cause).__name__ if cause is not exc or not source else source.group(2)
+    if full_key and kind in ("ConfigAttributeError", "ConfigKeyError"):
+        return where + unknown_key_message(str(full_key), phase_name)
+    if full_key and kind == "ValidationError":
+        msg = str(cause.msg) if hasattr(cause, "msg") else text.splitlines()[1]
+        return where + validation_message(str(full_key), msg, _example_value(str(full_key), phase_name))
     if "Ambiguous value for argument" in text:
         key = re.search(r"argument '([^']+)'", text)
         return (
@@ -130,6 +139,11 @@ def translate(exc: BaseException, phase_name: str | None) -> str:
             "to sweep, or write a list as key=[a,b]."
         )
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _text_field(text: str, name: str) -> str | None:
+    m = re.search(rf"^\s*{name}: (\S+)", text, re.M)
+    return m.group(1) if m else None
 
 
 def _example_value(full_key: str, phase_name: str | None) -> str | None:

@@ -11,20 +11,24 @@ CLI's ``--help``/``--cfg`` path goes through it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 
-class Precision(str, Enum):
+# Choices are StrEnums: OmegaConf rejects any other value at compose time, listing the valid ones,
+# and a member formats and compares as its plain string ("bf16").
+
+
+class Precision(StrEnum):
     fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"
 
 
-class Distributed(str, Enum):
+class Distributed(StrEnum):
     # single process (CPU or one GPU)
     none = "none"
     ddp = "ddp"
@@ -33,19 +37,75 @@ class Distributed(str, Enum):
     deepspeed_zero3 = "deepspeed_zero3"
 
 
-class Accelerator(str, Enum):
+class Accelerator(StrEnum):
     cpu = "cpu"
     cuda = "cuda"
 
 
-class KLControl(str, Enum):
+class KLControl(StrEnum):
     fixed = "fixed"
     adaptive = "adaptive"
 
 
-class KLEstimator(str, Enum):
+class KLEstimator(StrEnum):
     k1 = "k1"
     k3 = "k3"
+
+
+class ModelSource(StrEnum):
+    # built locally from model.embedded
+    embedded = "embedded"
+    # from_pretrained(model.path): a hub id or a local folder
+    hub = "hub"
+
+
+class DataSource(StrEnum):
+    synthetic = "synthetic"
+    hub = "hub"
+    jsonl = "jsonl"
+
+
+class DataFormat(StrEnum):
+    # pick from the columns present (local files)
+    auto = "auto"
+    # Anthropic HH: chosen/rejected are whole "Human: ... Assistant: ..." transcripts
+    hh = "hh"
+    # prompt + chosen + rejected (strings or chat lists)
+    preference = "preference"
+    # one chat list per record (SFT only)
+    messages = "messages"
+    # prompt + completion (SFT only)
+    prompt_completion = "prompt_completion"
+
+
+class DType(StrEnum):
+    # as stored in the checkpoint, unless hardware.precision asks for bf16/fp16/fp32
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class LRScheduler(StrEnum):
+    linear = "linear"
+    cosine = "cosine"
+    constant = "constant"
+    constant_with_warmup = "constant_with_warmup"
+    cosine_with_restarts = "cosine_with_restarts"
+    polynomial = "polynomial"
+
+
+class LoggerName(StrEnum):
+    local = "local"
+    wandb = "wandb"
+
+
+class WandbMode(StrEnum):
+    # online when an API key is available, otherwise offline
+    auto = "auto"
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
 
 
 # --------------------------------------------------------------------------- model
@@ -66,16 +126,15 @@ class EmbeddedArch:
 class ModelConfig:
     # preset name; recorded in manifests and used to match parent runs
     name: str = MISSING
-    # "embedded": built locally from the fields under `embedded`; "hub": loaded with from_pretrained(path)
-    source: str = "hub"
+    source: ModelSource = ModelSource.hub
     # hub id (org/name) or a local folder saved with save_pretrained; unused when source=embedded
     path: Optional[str] = None
     # hub revision (branch, tag or commit) to pin
     revision: Optional[str] = None
-    # weights dtype when loading: auto (as stored), float32, bfloat16, float16
-    dtype: str = "auto"
-    # null: the tokenizer's own chat template; a name from rlhf_exp/templates (chatml, llama3, mistral)
-    # or a path to a .jinja file
+    # weights dtype when loading
+    dtype: DType = DType.auto
+    # null: the tokenizer's own chat template; "chatml" (rlhf_exp/templates/chatml.jinja) or a path to
+    # a .jinja file, for base models whose tokenizer has none
     chat_template: Optional[str] = None
     # attention kernel passed to from_pretrained (sdpa, eager, flash_attention_2); null = library default
     attn_implementation: Optional[str] = None
@@ -127,16 +186,15 @@ class DataConfig:
     # preset name; recorded in manifests and used to match parent runs
     name: str = MISSING
     # synthetic: the embedded task; hub: datasets.load_dataset(path); jsonl: local files
-    source: str = MISSING
+    source: DataSource = MISSING
     # hub id of the data set (source=hub)
     path: Optional[str] = None
     # hub config/subset name, or data_dir for hub data sets that use folders (e.g. hh-rlhf's harmless-base)
     subset: Optional[str] = None
     data_dir: Optional[str] = None
     revision: Optional[str] = None
-    # layout of the records: hh (Human:/Assistant: transcripts in chosen/rejected),
-    # preference (prompt + chosen + rejected), messages (a chat list), prompt_completion
-    format: str = "preference"
+    # layout of the records
+    format: DataFormat = DataFormat.auto
     # splits used by SFT and by the preference phases (RM, DPO, PPO prompts)
     sft_train_split: str = "train"
     sft_eval_split: Optional[str] = "test"
@@ -171,7 +229,7 @@ class PhaseConfig:
     gradient_accumulation_steps: int = 1
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
-    lr_scheduler: str = "cosine"
+    lr_scheduler: LRScheduler = LRScheduler.cosine
     max_grad_norm: float = 1.0
     # tokens per sequence (prompt + answer); longer ones are truncated
     max_length: int = 1024
@@ -274,12 +332,11 @@ class HardwareConfig:
 @dataclass
 class LoggerConfig:
     # local: metrics.jsonl/summary.json only; wandb: the same, plus Weights & Biases
-    name: str = "local"
+    name: LoggerName = LoggerName.local
     # W&B settings (logger=wandb)
     project: str = "rlhf_exp"
     entity: Optional[str] = None
-    # auto: online when an API key is available, otherwise offline; online; offline; disabled
-    mode: str = "auto"
+    mode: WandbMode = WandbMode.auto
     tags: list[str] = field(default_factory=list)
     group: Optional[str] = None
 

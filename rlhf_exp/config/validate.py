@@ -1,7 +1,8 @@
 """Cross-field rules, checked once after composition and before anything heavy is imported.
 
-Every rule names the keys involved and says what to change. ``validate`` gathers all problems and
-raises one ConfigError listing them, so a user fixes a command line in one go.
+Single-field choices are Enums in the schema (OmegaConf rejects a bad value at compose time); what
+needs two or more fields lives here. Every rule names the keys involved and says what to change;
+``validate`` gathers all problems and raises one ConfigError, so a command line is fixed in one go.
 """
 
 from __future__ import annotations
@@ -14,12 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from rlhf_exp.config.errors import ConfigError, unknown_key_message
 from rlhf_exp.config.schema import GROUP_SCHEMAS, PHASE_SCHEMAS, RunConfig
 
-MODEL_SOURCES = ("embedded", "hub")
-DATA_SOURCES = ("synthetic", "hub", "jsonl")
-DATA_FORMATS = ("auto", "hh", "preference", "messages", "prompt_completion")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
-LOGGER_MODES = ("auto", "online", "offline", "disabled")
+BUILTIN_TEMPLATES = ("chatml",)
 
 
 def _extra_keys(node, schema, prefix: str) -> list[str]:
@@ -31,7 +27,7 @@ def _extra_keys(node, schema, prefix: str) -> list[str]:
         if key not in names:
             extra.append(full)
             continue
-        child = node[key] if OmegaConf.is_dict(node) and not OmegaConf.is_missing(node, key) else None
+        child = node[key] if not OmegaConf.is_missing(node, key) else None
         f = names[key]
         sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
         if isinstance(child, DictConfig) and dataclasses.is_dataclass(sub):
@@ -39,35 +35,32 @@ def _extra_keys(node, schema, prefix: str) -> list[str]:
     return extra
 
 
-def validate(cfg: DictConfig) -> None:
-    errors: list[str] = []
-    phase_name = OmegaConf.select(cfg, "phase.name")
-
-    # keys with no value (??? in YAML) that the chosen options require
+def _structure_errors(cfg: DictConfig, phase_name: str | None) -> list[str]:
+    errors = []
     for key in OmegaConf.missing_keys(cfg):
-        hint = "/path/to/train.jsonl" if key.endswith("_file") else "<value>"
-        errors.append(f"{key} is required here: add {key}={hint}")
-
-    # keys smuggled in with +key=value
-    top = {"model", "data", "phase", "hardware", "logger"}
+        errors.append(f"{key} is required here: add {key}=<value>")
+    root_fields = {f.name for f in dataclasses.fields(RunConfig)}
     for key in cfg.keys():
-        if key not in {f.name for f in dataclasses.fields(RunConfig)}:
+        if key not in root_fields:
             errors.append(unknown_key_message(str(key), phase_name))
-        elif key in top and isinstance(cfg[key], DictConfig):
+        elif key in GROUP_SCHEMAS or key == "phase":
             schema = PHASE_SCHEMAS.get(phase_name) if key == "phase" else GROUP_SCHEMAS[key]
-            if schema is not None:
+            if schema is not None and isinstance(cfg[key], DictConfig):
                 errors += [unknown_key_message(k, phase_name) for k in _extra_keys(cfg[key], schema, key + ".")]
+    return errors
+
+
+def validate(cfg: DictConfig) -> None:
+    phase_name = OmegaConf.select(cfg, "phase.name")
+    errors = _structure_errors(cfg, phase_name)
     if errors:
         raise ConfigError("\n".join(errors))
 
-    model, data, phase, hw, logger = cfg.model, cfg.data, cfg.phase, cfg.hardware, cfg.logger
+    model, data, phase, hw = cfg.model, cfg.data, cfg.phase, cfg.hardware
 
     def check(condition: bool, message: str) -> None:
         if not condition:
             errors.append(message)
-
-    def one_of(key: str, value, choices) -> None:
-        check(value in choices, f"{key}={value}: not a valid choice. Valid choices: {', '.join(choices)}")
 
     # phase
     check(phase_name in PHASE_SCHEMAS, f"phase.name={phase_name}: must be one of {', '.join(PHASE_SCHEMAS)}")
@@ -80,7 +73,6 @@ def validate(cfg: DictConfig) -> None:
     check(0 <= phase.warmup_ratio < 1, f"phase.warmup_ratio={phase.warmup_ratio}: must be in [0, 1)")
     check(phase.early_stopping_patience >= 0, "phase.early_stopping_patience must be >= 0 (0 = never stop early)")
     check(phase.eval_steps is None or phase.eval_steps >= 1, "phase.eval_steps must be >= 1, or null (each epoch)")
-    one_of("phase.lr_scheduler", phase.lr_scheduler, SCHEDULERS)
     if phase_name == "dpo":
         check(phase.beta > 0, f"phase.beta={phase.beta}: must be > 0 (typical 0.01-0.5)")
     if phase_name == "ppo":
@@ -89,8 +81,6 @@ def validate(cfg: DictConfig) -> None:
         check(0 <= phase.lam <= 1 and 0 <= phase.gamma <= 1, "phase.gamma and phase.lam must be in [0, 1]")
 
     # model
-    one_of("model.source", model.source, MODEL_SOURCES)
-    one_of("model.dtype", model.dtype, DTYPES)
     if model.source == "hub":
         check(bool(model.path), f"model={model.name} loads from the hub but model.path is empty: set model.path=org/name")
     if model.source == "embedded":
@@ -100,59 +90,68 @@ def validate(cfg: DictConfig) -> None:
         check(data.source == "synthetic",
               f"model={model.name} has the embedded 15-token tokenizer, which only covers data=synthetic; "
               f"use a hub model (e.g. model=qwen2_5_7b) with data={data.name}")
-    if model.chat_template and model.chat_template not in ("chatml",):
-        check(Path(model.chat_template).is_file(),
-              f"model.chat_template={model.chat_template}: not a built-in template (chatml) nor an existing .jinja file")
+    if model.chat_template and model.chat_template not in BUILTIN_TEMPLATES:
+        check(Path(model.chat_template).expanduser().is_file(),
+              f"model.chat_template={model.chat_template}: neither a built-in template "
+              f"({', '.join(BUILTIN_TEMPLATES)}) nor an existing .jinja file")
 
     # data
-    one_of("data.source", data.source, DATA_SOURCES)
-    one_of("data.format", data.format, DATA_FORMATS)
     if data.source == "hub":
         check(bool(data.path), f"data={data.name} loads from the hub but data.path is empty: set data.path=org/name")
     if data.source == "jsonl":
-        check(bool(data.train_file), f"data={data.name} needs a training file: add data.train_file=/path/to/train.jsonl")
-        for key in ("train_file", "eval_file"):
-            path = data[key]
-            if path is not None:
-                check(Path(path).is_file(), f"data.{key}={path}: file not found")
+        from rlhf_exp.data.sources import check_data_files
+
+        try:
+            check_data_files(data)
+        except ConfigError as exc:
+            errors.append(str(exc))
     check(0 < data.eval_fraction < 1, f"data.eval_fraction={data.eval_fraction}: must be in (0, 1)")
-    syn = data.synthetic
     if data.source == "synthetic":
-        check(2 <= syn.num_digits <= 12, f"data.synthetic.num_digits={syn.num_digits}: must be in [2, 12]")
-        check(0.5 < syn.annotator_agreement < 1,
-              f"data.synthetic.annotator_agreement={syn.annotator_agreement}: must be in (0.5, 1)")
-        for key in ("sft_habit_fraction", "sft_noise_fraction"):
-            check(0 <= syn[key] <= 1, f"data.synthetic.{key}={syn[key]}: must be in [0, 1]")
-        check(syn.sft_habit_fraction + syn.sft_noise_fraction <= 1,
-              "data.synthetic.sft_habit_fraction + sft_noise_fraction must be <= 1")
-        if model.source == "embedded":
-            needed = 2 * syn.num_digits + 3
-            check(model.embedded.max_position_embeddings >= needed and phase.max_length >= needed,
-                  f"data.synthetic.num_digits={syn.num_digits} needs {needed} tokens: raise "
-                  f"model.embedded.max_position_embeddings and phase.max_length to >= {needed}")
+        errors += _synthetic_errors(cfg)
 
     # hardware
-    accel = str(getattr(hw.accelerator, "value", hw.accelerator))
-    precision = str(getattr(hw.precision, "value", hw.precision))
-    dist = str(getattr(hw.distributed, "value", hw.distributed))
     check(hw.num_processes >= 1 and hw.num_nodes >= 1, "hardware.num_processes and hardware.num_nodes must be >= 1")
-    if accel == "cpu":
-        check(precision != "fp16", "hardware.precision=fp16 needs a GPU: use precision=fp32 (or bf16) with accelerator=cpu")
-        check(dist not in ("fsdp", "deepspeed_zero2", "deepspeed_zero3"),
-              f"hardware.distributed={dist} needs GPUs: use distributed=ddp (gloo) or none with accelerator=cpu")
+    if hw.accelerator == "cpu":
+        check(hw.precision != "fp16", "hardware.precision=fp16 needs a GPU: use precision=fp32 (or bf16) with accelerator=cpu")
+        check(hw.distributed not in ("fsdp", "deepspeed_zero2", "deepspeed_zero3"),
+              f"hardware.distributed={hw.distributed} needs GPUs: use distributed=ddp (gloo) or none with accelerator=cpu")
     else:
         check(hw.gpus_per_node >= 1, "hardware.accelerator=cuda needs hardware.gpus_per_node >= 1")
         check(hw.num_processes <= hw.gpus_per_node,
               f"hardware.num_processes={hw.num_processes} exceeds hardware.gpus_per_node={hw.gpus_per_node}: "
               "use one process per GPU")
-    check(not (dist == "none" and hw.num_processes * hw.num_nodes > 1),
+    check(not (hw.distributed == "none" and hw.num_processes * hw.num_nodes > 1),
           f"hardware.distributed=none with {hw.num_processes * hw.num_nodes} processes: set hardware.distributed=ddp")
     if hw.lora:
         check(hw.lora_r >= 1 and hw.lora_alpha >= 1, "hardware.lora_r and hardware.lora_alpha must be >= 1")
 
-    # logger
-    one_of("logger.name", logger.name, ("local", "wandb"))
-    one_of("logger.mode", logger.mode, LOGGER_MODES)
-
     if errors:
         raise ConfigError("\n".join(errors))
+
+
+def _synthetic_errors(cfg: DictConfig) -> list[str]:
+    syn, model, phase = cfg.data.synthetic, cfg.model, cfg.phase
+    errors = []
+    if not 2 <= syn.num_digits <= 12:
+        return [f"data.synthetic.num_digits={syn.num_digits}: must be in [2, 12]"]
+    if not 0.5 < syn.annotator_agreement < 1:
+        errors.append(f"data.synthetic.annotator_agreement={syn.annotator_agreement}: must be in (0.5, 1)")
+    for key in ("sft_habit_fraction", "sft_noise_fraction"):
+        if not 0 <= syn[key] <= 1:
+            errors.append(f"data.synthetic.{key}={syn[key]}: must be in [0, 1]")
+    if syn.sft_habit_fraction + syn.sft_noise_fraction > 1:
+        errors.append("data.synthetic.sft_habit_fraction + sft_noise_fraction must be <= 1")
+    # held-out prompts are distinct and excluded from training: keep them a small share of all prompts
+    most = 10 ** syn.num_digits // 5
+    if syn.num_eval_prompts > most:
+        errors.append(f"data.synthetic.num_eval_prompts={syn.num_eval_prompts}: at most {most} with "
+                      f"num_digits={syn.num_digits} (a fifth of the {10 ** syn.num_digits} possible prompts)")
+    # an answer is num_digits tokens plus end of sequence; fewer new tokens would cap the gold score
+    if phase.max_new_tokens < syn.num_digits + 1:
+        errors.append(f"phase.max_new_tokens={phase.max_new_tokens} cannot hold a {syn.num_digits}-digit answer "
+                      f"and its end token: set phase.max_new_tokens={syn.num_digits + 1} or more")
+    needed = 2 * syn.num_digits + 3  # bos, prompt, '=', answer, eos
+    if phase.max_length < needed or (model.source == "embedded" and model.embedded.max_position_embeddings < needed):
+        errors.append(f"data.synthetic.num_digits={syn.num_digits} needs sequences of {needed} tokens: raise "
+                      f"phase.max_length (and model.embedded.max_position_embeddings) to >= {needed}")
+    return errors

@@ -43,13 +43,14 @@ from omegaconf import MISSING
 from omegaconf.errors import MissingMandatoryValue
 
 from rlhf_exp.config.errors import ConfigError
+from rlhf_exp.config.schema import DataFormat
 
 if TYPE_CHECKING:
     import datasets
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("hh", "preference", "messages", "prompt_completion", "auto")
+FORMATS = tuple(DataFormat)
 SFT_COLUMNS = ("prompt", "completion")
 PREF_COLUMNS = ("prompt", "chosen", "rejected")
 # auto-detection order: the first layout whose columns are all present wins

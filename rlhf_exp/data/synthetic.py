@@ -2,7 +2,7 @@
 
     prompt  "3 1 4 1 5 ="        answer " 1 1 3 4 5"        gold = fraction of positions right
 
-Design, from measurements on this task (see docs/embedded_task.md):
+Design, from measurements on this task (README, "The embedded task"):
 
 * SFT demonstrations carry a *consistent demonstrator habit*: a fraction (default 60%) swap the
   last two answer digits. Random mistakes never form a mode, so greedy decoding after SFT ignores

@@ -1,29 +1,22 @@
 """Multi-process launch checks.
 
-The entrypoint does not yet start worker processes itself (that lands with the sweeps and scale-out
-work, issue #4). A multi-process preset is accepted when the processes were started by a launcher
-that sets torch.distributed's environment (torchrun / accelerate launch); otherwise the user gets the
-command that would work instead of a silent single-process run.
+The entrypoint does not start worker processes yet (issue #4: after Hydra composes once, it will
+start them through accelerate/torchrun, or one SLURM task per GPU). Until then a multi-process preset
+stops with a clear message instead of silently running as one process, or, under an external
+torchrun, making one run folder per rank.
 """
 
 from __future__ import annotations
-
-import os
 
 from omegaconf import DictConfig
 
 from rlhf_exp.config.errors import ConfigError
 
 
-def world_size_from_env() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def check_multiprocess_launch(cfg: DictConfig) -> None:
     wanted = cfg.hardware.num_processes * cfg.hardware.num_nodes
-    if world_size_from_env() != wanted:
+    if wanted > 1:
         raise ConfigError(
-            f"hardware={cfg.hardware.name} asks for {wanted} processes but this is a single process; "
-            "the entrypoint does not start workers itself yet (issue #4). Run on one device with "
-            "hardware=cpu or hardware=a100x1."
+            f"hardware={cfg.hardware.name} asks for {wanted} processes; starting workers is not supported yet "
+            "(issue #4). Run on one device: hardware=cpu, or hardware=a100x1 on one GPU."
         )

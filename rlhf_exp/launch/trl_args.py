@@ -12,10 +12,6 @@ from typing import Any
 from rlhf_exp.config.schema import RunConfig
 
 
-def _value(enum_or_str) -> str:
-    return str(getattr(enum_or_str, "value", enum_or_str))
-
-
 def _checkpointing_key() -> str:
     """transformers >= 5.2x renamed gradient_checkpointing to activation_checkpointing (old name warns)."""
     import dataclasses
@@ -29,7 +25,7 @@ def _checkpointing_key() -> str:
 def training_kwargs(cfg: RunConfig, run_dir: Path, has_eval: bool) -> dict[str, Any]:
     """Arguments shared by every TRL trainer (they are transformers.TrainingArguments fields)."""
     phase, hw = cfg.phase, cfg.hardware
-    precision = _value(hw.precision)
+    precision = str(hw.precision)
     eval_strategy = ("steps" if phase.eval_steps else "epoch") if has_eval else "no"
     early_stop = has_eval and phase.early_stopping_patience > 0
     return {
@@ -42,7 +38,7 @@ def training_kwargs(cfg: RunConfig, run_dir: Path, has_eval: bool) -> dict[str, 
         "gradient_accumulation_steps": phase.gradient_accumulation_steps,
         "warmup_steps": phase.warmup_ratio,  # transformers 5: a float < 1 is a ratio of total steps
         "weight_decay": phase.weight_decay,
-        "lr_scheduler_type": phase.lr_scheduler,
+        "lr_scheduler_type": str(phase.lr_scheduler),
         "max_grad_norm": phase.max_grad_norm,
         "logging_steps": phase.logging_steps,
         "logging_first_step": True,
@@ -59,7 +55,7 @@ def training_kwargs(cfg: RunConfig, run_dir: Path, has_eval: bool) -> dict[str, 
         "bf16": precision == "bf16",
         "fp16": precision == "fp16",
         _checkpointing_key(): hw.gradient_checkpointing,
-        "use_cpu": _value(hw.accelerator) == "cpu",
+        "use_cpu": hw.accelerator == "cpu",
         "seed": cfg.seed,
         "data_seed": cfg.seed,
         "dataloader_num_workers": hw.num_workers,

@@ -10,7 +10,7 @@ from typing import Any
 
 from rlhf_exp.config.schema import RunConfig
 from rlhf_exp.data.loading import PhaseData
-from rlhf_exp.tracking.hf_callback import RunLogCallback
+from rlhf_exp.tracking.hf_callback import RunLogCallback, rename, summary_key
 from rlhf_exp.tracking.run import Run
 
 
@@ -72,14 +72,12 @@ class Built:
 
 def train_evaluate_save(cfg: RunConfig, run: Run, built: Built) -> dict:
     """Train, evaluate the final (best) model, save it for the next phase, write the summary."""
-    from rlhf_exp.models import save_for_next_phase
-
-    trainer, log, tokenizer, data, metrics = built.trainer, built.log, built.tokenizer, built.data, built.metrics
-
     from transformers.trainer_callback import ProgressCallback
 
+    from rlhf_exp.models import save_for_next_phase
     from rlhf_exp.tracking.hf_callback import CompactProgress
 
+    trainer, log, tokenizer, data, metrics = built.trainer, built.log, built.tokenizer, built.data, built.metrics
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(CompactProgress())
     start = time.monotonic()
@@ -89,17 +87,12 @@ def train_evaluate_save(cfg: RunConfig, run: Run, built: Built) -> dict:
     metrics["train_loss_first"] = log.first("train/loss")
     metrics["train_loss_last"] = log.last("train/loss")
     metrics["train_loss_mean"] = result.training_loss
-    stopper = [c for c in trainer.callback_handler.callbacks if type(c).__name__ == "EarlyStoppingCallback"]
-    metrics["early_stopped"] = bool(stopper) and trainer.state.global_step < trainer.state.max_steps
+    metrics["early_stopped"] = trainer.state.global_step < trainer.state.max_steps  # only early stopping ends sooner
     if data.eval is not None:
-        final = trainer.evaluate()  # the best model when early stopping restored it
-        for key, value in final.items():
-            if key.startswith("eval_") and isinstance(value, (int, float)) and not key.endswith(("runtime", "_per_second")):
-                metrics[key] = value
-        if "eval_loss" in final and cfg.phase.name == "sft":
-            import math
-
-            metrics["eval_perplexity"] = math.exp(min(final["eval_loss"], 50.0))
+        log.muted = True  # the best model's numbers: already in metrics.jsonl at the step they were logged
+        final = rename(trainer.evaluate(), with_perplexity=log.perplexity)
+        log.muted = False
+        metrics.update({summary_key(k): v for k, v in final.items() if k.startswith("eval/")})
 
     score = gold(cfg, trainer.model, tokenizer, data, run, "final")
     if score is not None:

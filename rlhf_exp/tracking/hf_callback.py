@@ -12,7 +12,16 @@ SKIP = {"epoch", "total_flos", "train_runtime", "train_samples_per_second", "tra
         "eval_runtime", "eval_samples_per_second", "eval_steps_per_second"}
 
 
-def rename(logs: dict[str, float], perplexity: bool = False) -> dict[str, float]:
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))  # capped: an untrained model's loss must not overflow
+
+
+def summary_key(key: str) -> str:
+    """metrics.jsonl name -> summary.json name: eval/rewards/accuracies -> eval_rewards_accuracies."""
+    return key.replace("/", "_")
+
+
+def rename(logs: dict[str, float], with_perplexity: bool = False) -> dict[str, float]:
     out: dict[str, float] = {}
     for key, value in logs.items():
         if key in SKIP or not isinstance(value, (int, float)):
@@ -20,11 +29,11 @@ def rename(logs: dict[str, float], perplexity: bool = False) -> dict[str, float]
         if key.startswith("eval_"):
             out["eval/" + key[len("eval_"):]] = float(value)
         elif key == "train_loss":
-            out["train/mean_loss"] = float(value)
+            out["train/loss_mean"] = float(value)
         else:
             out["train/" + key] = float(value)
-    if perplexity and "eval/loss" in out:
-        out["eval/perplexity"] = math.exp(min(out["eval/loss"], 50.0))
+    if with_perplexity and "eval/loss" in out:
+        out["eval/perplexity"] = perplexity(out["eval/loss"])
     if "epoch" in logs:
         out["epoch"] = float(logs["epoch"])
     return out
@@ -36,9 +45,11 @@ class RunLogCallback(TrainerCallback):
         # perplexity = exp(eval loss) only means something when the loss is a token NLL (SFT)
         self.perplexity = perplexity
         self.history: list[dict[str, float]] = []
+        # set while re-evaluating the restored best model: its numbers go to the summary only
+        self.muted = False
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
+        if self.muted or not state.is_world_process_zero or not logs:
             return
         metrics = rename(logs, self.perplexity)
         if metrics:

@@ -27,6 +27,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from rlhf_exp.tracking.lineage import lineage_keys
+
 VOLATILE_KEYS = ("output_root", "dry_run", "tag")
 
 
@@ -104,6 +106,7 @@ class Run:
             "model": str(self.cfg.model.name),
             "data": str(self.cfg.data.name),
             "config_hash": config_hash(self.cfg),
+            **lineage_keys(self.cfg),
             "parents": self.parents,
             "git_commit": git_commit(),
             "start_time": now_iso(),

@@ -81,3 +81,33 @@ def test_real_data_presets_name_hub_sets_and_splits(compose):
     assert uf.path == "HuggingFaceH4/ultrafeedback_binarized"
     assert (uf.sft_train_split, uf.sft_eval_split, uf.pref_train_split, uf.pref_eval_split) == (
         "train_sft", "test_sft", "train_prefs", "test_prefs")
+
+
+def _leaves(node, prefix=""):
+    for key, value in node.items():
+        if key == "defaults":
+            continue
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g, o in all_options()])
+def test_yaml_sets_only_values_that_differ_from_the_schema(group, option):
+    """Rule 2: each default is written once, in the dataclass; a YAML copy would not follow a change."""
+    import dataclasses
+
+    from rlhf_exp.config.schema import GROUP_SCHEMAS, PHASE_SCHEMAS
+
+    raw = OmegaConf.to_container(OmegaConf.load(CONF / group / f"{option}.yaml"))
+    schema = PHASE_SCHEMAS[option] if group == "phase" else GROUP_SCHEMAS[group]
+    defaults = OmegaConf.to_container(OmegaConf.structured(schema), enum_to_str=True)
+    repeated = []
+    for key, value in _leaves(raw):
+        node = defaults
+        for part in key.split("."):
+            node = node.get(part, dataclasses.MISSING) if isinstance(node, dict) else dataclasses.MISSING
+        if key != "name" and node == value:
+            repeated.append(f"{key}={value!r}")
+    assert not repeated, f"conf/{group}/{option}.yaml repeats schema defaults: {', '.join(repeated)}"

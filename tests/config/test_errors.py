@@ -42,7 +42,7 @@ def test_ppo_setting_given_to_dpo(compose):
 
 def test_missing_data_file(compose):
     message = error_of(compose, ["data=jsonl", "model=qwen2_5_7b", "data.train_file=/no/such/train.jsonl"])
-    assert message == "data.train_file=/no/such/train.jsonl: file not found"
+    assert message.startswith("data.train_file=/no/such/train.jsonl: no such file") and "Fix the path" in message
 
 
 def test_jsonl_without_a_file_says_which_key_to_add(compose):
@@ -76,6 +76,24 @@ def test_tiny_model_refuses_text_data(compose):
     assert "only covers data=synthetic" in error_of(compose, ["data=hh_rlhf"])
 
 
+def test_error_inside_a_yaml_file_names_the_file_and_key(compose, tmp_path):
+    import shutil
+
+    from tests.conftest import CONF
+
+    shutil.copytree(CONF, tmp_path / "conf")
+    (tmp_path / "conf" / "recipe" / "tiny_sft.yaml").write_text("# @package _global_\nphase:\n  learning_rat: 1\n")
+    with pytest.raises(ConfigError) as info:
+        compose([], tmp_path / "conf")
+    assert str(info.value).startswith("in conf/recipe/tiny_sft.yaml: unknown key 'phase.learning_rat'")
+
+
+def test_bool_and_synthetic_limits(compose):
+    assert "Use hardware.lora=true or hardware.lora=false" in error_of(compose, ["hardware.lora=maybe"])
+    assert "at most 20 with num_digits=2" in error_of(compose, ["data.synthetic.num_digits=2"])
+    assert "set phase.max_new_tokens=6 or more" in error_of(compose, ["phase.max_new_tokens=2"])
+
+
 def test_fp16_on_cpu(compose):
     assert "needs a GPU" in error_of(compose, ["hardware.precision=fp16"])
 
@@ -87,7 +105,7 @@ def test_fp16_on_cpu(compose):
         (["phase.learning_rate=abc"], "'abc' is not a valid float"),
         (["model=nope"], "Valid options for model: llama3_8b, mistral_7b_v03, qwen2_5_7b, tiny"),
         (["phase=sft", "phase.beta=0.1"], "is a setting of phase=dpo"),
-        (["data=jsonl", "model=qwen2_5_7b", "data.train_file=/no/such.jsonl"], "file not found"),
+        (["data=jsonl", "model=qwen2_5_7b", "data.train_file=/no/such.jsonl"], "no such file"),
         (["-m", "phase.learning_rate=1e-3,abc"], "'abc' is not a valid float"),
     ],
 )
@@ -107,10 +125,21 @@ def test_missing_parent_run_prints_the_command_that_makes_one(tmp_path):
     assert f"python -m rlhf_exp phase=sft model=tiny data=synthetic output_root={tmp_path}" in proc.stderr
 
 
+@pytest.mark.parametrize("args", [["phase=dpo"], ["phase=rm"], ["phase=ppo"], ["hardware=a100x8"],
+                                  ["-m", "phase=dpo", "seed=0,1"]])
+def test_runs_that_cannot_start_leave_no_folder(args, tmp_path):
+    """Parents, runner and launch are checked before Hydra makes a run folder."""
+    proc = run_cli([*args, f"output_root={tmp_path}"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert not list(tmp_path.iterdir())
+
+
 def test_parent_of_the_wrong_phase_is_refused(tmp_path):
     run = tmp_path / "runs" / "x_dpo"
     run.mkdir(parents=True)
     (run / "manifest.json").write_text('{"run_id": "x_dpo", "phase": "dpo", "status": "succeeded"}')
+    before = sorted(tmp_path.rglob("*"))
     proc = run_cli(["phase=dpo", f"phase.sft_run={run}", f"output_root={tmp_path}"])
     assert proc.returncode == 2
     assert "is a run of phase=dpo; phase.sft_run needs a run of phase=sft" in proc.stderr
+    assert sorted(tmp_path.rglob("*")) == before

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from rlhf_exp.config.errors import ConfigError
-from rlhf_exp.tracking.lineage import latest_run, resolve_parents, resolve_run
+from rlhf_exp.tracking.lineage import latest_run, lineage_keys, resolve_parents, resolve_run
 from rlhf_exp.tracking.run import Run, config_hash
 
 
@@ -47,22 +47,54 @@ def test_config_hash_ignores_where_the_run_is_written_but_not_what_it_does(compo
     assert config_hash(compose(["seed=1"])) != config_hash(compose(["seed=2"]))
 
 
-def fake_run(root, run_id, phase, status="succeeded", model="tiny", data="synthetic", end="2026-01-01T00:00:00"):
-    folder = root / "runs" / run_id
-    folder.mkdir(parents=True)
+KEYS = {"model_key": "m1", "data_key": "d1"}
+
+
+def fake_run(root, run_id, phase, status="succeeded", keys=KEYS, end="2026-01-01T00:00:00", where="runs"):
+    folder = root / where / run_id
+    (folder / "checkpoints" / "final").mkdir(parents=True)
     (folder / "manifest.json").write_text(json.dumps({
-        "run_id": run_id, "phase": phase, "status": status, "model": model, "data": data,
-        "end_time": end, "checkpoint": str(folder / "checkpoints" / "final")}))
+        "run_id": run_id, "phase": phase, "status": status, "model": "tiny", "data": "synthetic",
+        "end_time": end, "checkpoint": str(folder / "checkpoints" / "final"), **keys}))
     return folder
 
 
-def test_latest_successful_run_of_the_same_model_and_data_is_picked(tmp_path):
+def test_latest_successful_run_with_the_same_settings_is_picked(tmp_path):
     fake_run(tmp_path, "a", "sft", end="2026-01-01T00:00:00")
     fake_run(tmp_path, "b", "sft", end="2026-01-02T00:00:00")
     fake_run(tmp_path, "c", "sft", status="failed", end="2026-01-03T00:00:00")
-    fake_run(tmp_path, "d", "sft", model="qwen2_5_7b", end="2026-01-04T00:00:00")
-    fake_run(tmp_path, "e", "dpo", end="2026-01-05T00:00:00")
-    assert latest_run(tmp_path, "sft", "tiny", "synthetic")["run_id"] == "b"
+    fake_run(tmp_path, "d", "sft", keys={**KEYS, "model_key": "other"}, end="2026-01-04T00:00:00")
+    fake_run(tmp_path, "e", "sft", keys={**KEYS, "data_key": "other"}, end="2026-01-04T00:00:00")
+    fake_run(tmp_path, "f", "dpo", end="2026-01-05T00:00:00")
+    assert latest_run(tmp_path, "sft", KEYS)["run_id"] == "b"
+
+
+def test_lineage_keys_ignore_preference_only_data_settings(compose):
+    base = lineage_keys(compose(["phase=dpo"]))
+    assert lineage_keys(compose(["phase=dpo", "data.synthetic.annotator_agreement=0.9"])) == base
+    assert lineage_keys(compose(["phase=dpo", "data.synthetic.num_digits=6", "phase.max_length=32"]))["data_key"] != \
+        base["data_key"]
+    assert lineage_keys(compose(["phase=dpo", "model.embedded.hidden_size=32"]))["model_key"] != base["model_key"]
+
+
+def test_default_parent_with_other_settings_is_not_picked_and_the_error_says_so(compose, tmp_path):
+    fake_run(tmp_path, "x_sft", "sft", keys={"model_key": "m", "data_key": "d"})
+    with pytest.raises(ConfigError, match="1 sft run.* exist with other model or data settings"):
+        resolve_parents(compose(["phase=dpo", f"output_root={tmp_path}"]))
+
+
+def test_ambiguous_run_id_is_refused(tmp_path):
+    fake_run(tmp_path, "same_sft", "sft", where="sweeps/a")
+    fake_run(tmp_path, "same_sft", "sft", where="sweeps/b")
+    with pytest.raises(ConfigError, match="names 2 runs"):
+        resolve_run("same_sft", tmp_path, "sft", "sft_run")
+
+
+def test_parent_whose_checkpoint_is_gone_is_refused(compose, tmp_path):
+    folder = fake_run(tmp_path, "gone_sft", "sft")
+    (folder / "checkpoints" / "final").rmdir()
+    with pytest.raises(ConfigError, match="has no checkpoint"):
+        resolve_parents(compose(["phase=dpo", f"output_root={tmp_path}", "phase.sft_run=gone_sft"]))
 
 
 def test_parent_given_by_run_id_or_folder(compose, tmp_path):
