@@ -122,8 +122,11 @@ def test_local_model_folder_and_jsonl_data_through_the_hub_code_path(compose, tm
     assert proc.returncode == 0, proc.stderr[-3000:]
     sft = read_json(only_run(tmp_path / "out", "sft") / "summary.json")["metrics"]
     assert sft["train_loss_last"] < 0.5 * sft["train_loss_first"] and "gold_score" not in sft
-    proc = run_cli([*common, "phase=dpo", f"data.train_file={pref_file}", "phase.max_steps=8",
-                    "phase.learning_rate=5e-4"])
+    dpo = [*common, "phase=dpo", f"data.train_file={pref_file}", "phase.max_steps=8", "phase.learning_rate=5e-4"]
+    # another data file is other data: no default parent, and the message says what to pass
+    proc = run_cli(dpo)
+    assert proc.returncode == 2 and "pass one with phase.sft_run=<run folder>" in proc.stderr
+    proc = run_cli([*dpo, f"phase.sft_run={only_run(tmp_path / 'out', 'sft')}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     dpo_dir = only_run(tmp_path / "out", "dpo")
     manifest = read_json(dpo_dir / "manifest.json")
