@@ -103,7 +103,7 @@ def plan(cfgs: list[DictConfig]) -> list[str]:
     """Light checks a run needs before Hydra makes its folder: the phase has a runner, the hardware
     fits one process, the parent runs exist. A parent taken by default is resolved here, once, and
     pinned into the command (so jobs of one sweep share it); returns those pinning overrides."""
-    from rlhf_exp.launch.distributed import check_multiprocess_launch
+    from rlhf_exp.launch.distributed import check_accelerator, check_multiprocess_launch
     from rlhf_exp.runners import get_runner
     from rlhf_exp.tracking.lineage import PARENTS, resolve_parents
 
@@ -111,6 +111,7 @@ def plan(cfgs: list[DictConfig]) -> list[str]:
     for i, cfg in enumerate(cfgs):
         get_runner(cfg.phase.name)
         check_multiprocess_launch(cfg)
+        check_accelerator(cfg)
         defaults = [key for _, key in PARENTS[cfg.phase.name] if not cfg.phase.get(key)]
         for parent, (_, key) in zip(resolve_parents(cfg, announce=i == 0), PARENTS[cfg.phase.name]):
             if key in defaults:
@@ -156,8 +157,11 @@ def run_job(cfg: DictConfig):
     try:
         with Run(run_dir, cfg, parents) as run:
             result = runner(typed, run)
-    except ConfigError as exc:  # bad data found while loading: the manifest already says "failed"
+    except ConfigError as exc:  # bad data or an unreachable hub: the manifest already says "failed"
         fail(str(exc))
+    except KeyboardInterrupt:
+        print(f"\nrlhf_exp: interrupted; {run_dir} is marked failed (manifest.json)", file=sys.stderr)
+        sys.exit(130)
     print_result(cfg.phase.name, run_dir, result)
     # the sweep objective: gold score on the embedded task (higher is better), else eval loss (lower)
     return result.get("gold_score", result.get("eval_loss"))

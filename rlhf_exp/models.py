@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from rlhf_exp.config.errors import hub_unreachable
 from rlhf_exp.config.schema import HardwareConfig, ModelConfig
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
@@ -85,9 +86,12 @@ def load_tokenizer(model_cfg: ModelConfig, checkpoint: str | None = None):
     elif model_cfg.source == "embedded":
         tokenizer = build_tiny_tokenizer()
     else:
-        tokenizer = AutoTokenizer.from_pretrained(
-            model_cfg.path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
-        )
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                model_cfg.path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
+            )
+        except OSError as exc:  # transformers reports unreachable and unknown repos as OSError
+            raise hub_unreachable("model.path", model_cfg.path, exc) from exc
         _apply_chat_template(tokenizer, model_cfg)
     if tokenizer.pad_token is None:
         # Llama 3 and Mistral ship no pad token; padding is masked, so reusing EOS is safe
@@ -116,9 +120,12 @@ def load_causal_lm(model_cfg: ModelConfig, hardware: HardwareConfig, tokenizer, 
     elif model_cfg.source == "embedded":
         model = build_tiny_model(model_cfg, tokenizer)
     else:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_cfg.path, revision=model_cfg.revision, **load_kwargs(model_cfg, hardware)
-        )
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                model_cfg.path, revision=model_cfg.revision, **load_kwargs(model_cfg, hardware)
+            )
+        except OSError as exc:
+            raise hub_unreachable("model.path", model_cfg.path, exc) from exc
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model

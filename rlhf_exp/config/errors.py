@@ -21,6 +21,14 @@ class ConfigError(Exception):
     """A problem with the user's configuration or inputs, reported without a traceback."""
 
 
+def hub_unreachable(key: str, value: str, exc: BaseException) -> ConfigError:
+    """A hub id that cannot be fetched (no network, gated, misspelled): one line and the way out."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    return ConfigError(f"{key}={value}: cannot load it ({type(exc).__name__}: {first}).\n"
+                       f"Point {key} at a local copy, or log in (HF_TOKEN) for gated repos; with a filled cache "
+                       "set HF_HUB_OFFLINE=1 to skip the network.")
+
+
 def group_options(group: str) -> list[str]:
     folder = CONF_DIR / group
     return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []

@@ -95,6 +95,25 @@ class LRScheduler(StrEnum):
     polynomial = "polynomial"
 
 
+class DPOLoss(StrEnum):
+    # TRL 1.16 DPOTrainer's loss types; sigmoid is the DPO paper's
+    sigmoid = "sigmoid"
+    hinge = "hinge"
+    ipo = "ipo"
+    exo_pair = "exo_pair"
+    nca_pair = "nca_pair"
+    robust = "robust"
+    bco_pair = "bco_pair"
+    sppo_hard = "sppo_hard"
+    aot = "aot"
+    aot_unpaired = "aot_unpaired"
+    apo_zero = "apo_zero"
+    apo_down = "apo_down"
+    discopop = "discopop"
+    sft = "sft"
+    sigmoid_norm = "sigmoid_norm"
+
+
 class LoggerName(StrEnum):
     local = "local"
     wandb = "wandb"
@@ -257,8 +276,8 @@ class DPOPhaseConfig(PhaseConfig):
     learning_rate: float = 5e-7
     # strength of the implicit KL constraint to the reference (the SFT model)
     beta: float = 0.1
-    # DPO loss variant passed to TRL (sigmoid = the paper's loss; ipo, hinge, ...)
-    loss_type: str = "sigmoid"
+    # DPO loss variant passed to TRL
+    loss_type: DPOLoss = DPOLoss.sigmoid
     # SFT run to start from: a run folder or run id; null = latest successful SFT run of the
     # same model and data under output_root
     sft_run: Optional[str] = None

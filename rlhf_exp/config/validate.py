@@ -90,6 +90,9 @@ def validate(cfg: DictConfig) -> None:
         check(data.source == "synthetic",
               f"model={model.name} has the embedded 15-token tokenizer, which only covers data=synthetic; "
               f"use a hub model (e.g. model=qwen2_5_7b) with data={data.name}")
+    if model.dtype in ("bfloat16", "float16") and hw.precision == "fp32":
+        check(False, f"model.dtype={model.dtype} with hardware.precision=fp32 would train half-precision weights "
+                     f"without mixed precision: use a GPU preset (e.g. hardware=a100x1, bf16) or model.dtype=float32")
     if model.chat_template and model.chat_template not in BUILTIN_TEMPLATES:
         check(Path(model.chat_template).expanduser().is_file(),
               f"model.chat_template={model.chat_template}: neither a built-in template "

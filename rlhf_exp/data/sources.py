@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import MISSING
 from omegaconf.errors import MissingMandatoryValue
 
-from rlhf_exp.config.errors import ConfigError
+from rlhf_exp.config.errors import ConfigError, hub_unreachable
 from rlhf_exp.config.schema import DataFormat
 
 if TYPE_CHECKING:
@@ -138,6 +138,8 @@ def _hub_split(data_cfg, key: str) -> datasets.Dataset:
     try:
         return datasets.load_dataset(data_cfg.path, name=data_cfg.subset, data_dir=data_cfg.data_dir,
                                      revision=data_cfg.revision, split=split)
+    except OSError as exc:  # no network, no such data set (ConnectionError, FileNotFoundError)
+        raise hub_unreachable("data.path", data_cfg.path, exc) from exc
     except ValueError as exc:
         if "split" not in str(exc).lower():
             raise
@@ -250,7 +252,7 @@ def _jsonl_objects(path: Path, where: str):
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError as exc:
-                raise ConfigError(f"{where} line {line_no}: not valid JSON ({exc}). "
+                raise ConfigError(f"{where} line {line_no}: not valid JSON ({exc.msg} at column {exc.colno}). "
                                   f"Each line must hold one JSON object.") from None
             if not isinstance(obj, dict):
                 raise ConfigError(f"{where} line {line_no}: expected a JSON object ({{...}}), "

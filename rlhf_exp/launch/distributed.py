@@ -20,3 +20,14 @@ def check_multiprocess_launch(cfg: DictConfig) -> None:
             f"hardware={cfg.hardware.name} asks for {wanted} processes; starting workers is not supported yet "
             "(issue #4). Run on one device: hardware=cpu, or hardware=a100x1 on one GPU."
         )
+
+
+def check_accelerator(cfg: DictConfig) -> None:
+    """A GPU preset on a machine without a visible GPU fails here, not deep inside a trainer."""
+    if cfg.hardware.accelerator != "cuda":
+        return
+    import torch  # GPU presets load torch right after this anyway
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"hardware={cfg.hardware.name} needs CUDA GPUs and none is visible here "
+                          "(torch.cuda.is_available() is False): use hardware=cpu")

@@ -82,6 +82,6 @@ def dpo_config(cfg: RunConfig, run_dir: Path, has_eval: bool):
     return DPOConfig(
         **training_kwargs(cfg, run_dir, has_eval),
         beta=cfg.phase.beta,
-        loss_type=[cfg.phase.loss_type],
+        loss_type=[str(cfg.phase.loss_type)],
         max_length=cfg.phase.max_length,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import warnings
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,8 @@ def quiet_libraries() -> None:
 
     hf_logging.disable_progress_bar()  # per-save "Writing model shards" bars; the training bar stays
     logging.getLogger("transformers.trainer").addFilter(_TiedHeadFilter())
+    # raised by TRL's own call of a renamed transformers property, not by anything a user can change
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def callbacks(cfg: RunConfig, run: Run, data: PhaseData) -> tuple[RunLogCallback, list]:

@@ -13,12 +13,12 @@ CONF = Path(__file__).resolve().parents[2] / "conf"
 
 # options of groups that must be combined with others to be valid
 COMPANIONS = {
-    ("data", "hh_rlhf"): ["model=llama3_8b"],
-    ("data", "ultrafeedback_binarized"): ["model=qwen2_5_7b"],
-    ("data", "jsonl"): ["model=mistral_7b_v03"],
-    ("model", "llama3_8b"): ["data=hh_rlhf"],
-    ("model", "mistral_7b_v03"): ["data=ultrafeedback_binarized"],
-    ("model", "qwen2_5_7b"): ["data=ultrafeedback_binarized"],
+    ("data", "hh_rlhf"): ["model=llama3_8b", "hardware=a100x1"],
+    ("data", "ultrafeedback_binarized"): ["model=qwen2_5_7b", "hardware=a100x1"],
+    ("data", "jsonl"): ["model=mistral_7b_v03", "hardware=a100x1"],
+    ("model", "llama3_8b"): ["data=hh_rlhf", "hardware=a100x1"],
+    ("model", "mistral_7b_v03"): ["data=ultrafeedback_binarized", "hardware=a100x1"],
+    ("model", "qwen2_5_7b"): ["data=ultrafeedback_binarized", "hardware=a100x1"],
 }
 
 

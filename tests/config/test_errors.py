@@ -41,7 +41,7 @@ def test_ppo_setting_given_to_dpo(compose):
 
 
 def test_missing_data_file(compose):
-    message = error_of(compose, ["data=jsonl", "model=qwen2_5_7b", "data.train_file=/no/such/train.jsonl"])
+    message = error_of(compose, ["data=jsonl", "model=qwen2_5_7b", "hardware=a100x1", "data.train_file=/no/such/train.jsonl"])
     assert message.startswith("data.train_file=/no/such/train.jsonl: no such file") and "Fix the path" in message
 
 
@@ -105,7 +105,7 @@ def test_fp16_on_cpu(compose):
         (["phase.learning_rate=abc"], "'abc' is not a valid float"),
         (["model=nope"], "Valid options for model: llama3_8b, mistral_7b_v03, qwen2_5_7b, tiny"),
         (["phase=sft", "phase.beta=0.1"], "is a setting of phase=dpo"),
-        (["data=jsonl", "model=qwen2_5_7b", "data.train_file=/no/such.jsonl"], "no such file"),
+        (["data=jsonl", "model=qwen2_5_7b", "hardware=a100x1", "data.train_file=/no/such.jsonl"], "no such file"),
         (["-m", "phase.learning_rate=1e-3,abc"], "'abc' is not a valid float"),
     ],
 )

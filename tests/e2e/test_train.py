@@ -141,3 +141,15 @@ def test_wandb_logger_runs_offline_without_a_key(tmp_path):
     run_dir = only_run(tmp_path, "sft")
     assert list((run_dir / "wandb").glob("offline-run-*")), "the offline W&B run is kept for `wandb sync`"
     assert read_json(run_dir / "manifest.json")["status"] == "succeeded"
+
+
+def test_dpo_sweep_jobs_share_one_parent_and_get_their_own_folders(sft_run):
+    root = sft_run.parent.parent
+    proc = run_cli(["-m", "phase=dpo", "phase.beta=0.05,0.2", "phase.max_steps=3", f"output_root={root}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("phase.sft_run not given: using") == 1, "resolved once, before jobs launch"
+    manifests = [read_json(p) for p in sorted(root.glob("sweeps/*/*/manifest.json"))]
+    assert len(manifests) == 2 and len({m["run_id"] for m in manifests}) == 2
+    assert all(m["status"] == "succeeded" and m["parents"][0]["run_id"] == sft_run.name for m in manifests)
+    betas = {OmegaConf.load(p.parent / "config.yaml").phase.beta for p in root.glob("sweeps/*/*/manifest.json")}
+    assert betas == {0.05, 0.2}
