@@ -69,7 +69,7 @@ def variant_torch() -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     start = time.perf_counter()
     model.train()
-    for step in range(STEPS):
+    for _ in range(STEPS):
         idx = torch.randint(0, len(rows), (BATCH,))
         loss = model(input_ids=ids[idx], attention_mask=mask[idx], labels=labels[idx]).loss
         loss.backward()

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf_exp.models import TINY_VOCAB, build_tiny_model, build_tiny_tokenizer, load_causal_lm, load_kwargs, load_tokenizer
+from rlhf_exp.models import (
+    TINY_VOCAB,
+    build_tiny_model,
+    build_tiny_tokenizer,
+    load_causal_lm,
+    load_kwargs,
+    load_tokenizer,
+)
 
 
 def test_tiny_tokenizer_round_trip_and_special_tokens():

@@ -122,7 +122,6 @@ def validation_message(full_key: str, msg: str, value_hint: str | None) -> str:
 
 def translate(exc: BaseException, phase_name: str | None) -> str:
     """Best one- or two-line explanation of a composition failure."""
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
     text = str(exc)
     for builder in (missing_option_message, missing_group_message):

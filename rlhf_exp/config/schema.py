@@ -17,7 +17,6 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-
 # Choices are StrEnums: OmegaConf rejects any other value at compose time, listing the valid ones,
 # and a member formats and compares as its plain string ("bf16").
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import shutil
-import warnings
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 

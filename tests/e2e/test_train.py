@@ -117,7 +117,8 @@ def test_local_model_folder_and_jsonl_data_through_the_hub_code_path(compose, tm
                                  for p in data["pref_train"][:256]))
     common = ["model=mistral_7b_v03", "model.name=local_tiny", f"model.path={tmp_path / 'model'}",
               "model.dtype=float32", "data=jsonl", f"output_root={tmp_path / 'out'}", "phase.max_length=32",
-              "phase.per_device_train_batch_size=32", "phase.gradient_accumulation_steps=1", "phase.learning_rate=3e-3", "phase.logging_steps=5"]
+              "phase.per_device_train_batch_size=32", "phase.gradient_accumulation_steps=1",
+              "phase.learning_rate=3e-3", "phase.logging_steps=5"]
     proc = run_cli([*common, f"data.train_file={sft_file}", "phase.num_epochs=4"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     sft = read_json(only_run(tmp_path / "out", "sft") / "summary.json")["metrics"]
