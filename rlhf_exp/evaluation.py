@@ -51,3 +51,21 @@ def gold_score(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_
             for p, a, g in list(zip(prompts, answers, golds))[:50]:
                 f.write(json.dumps({"prompt": p, "answer": a.strip(), "gold": g}) + "\n")
     return sum(golds) / len(golds)
+
+
+@torch.no_grad()
+def reward_scores(model, tokenizer, prompts: list[str], answers: list[str], batch_size: int) -> torch.Tensor:
+    """Scalar reward of each (prompt, answer), scored as the trainer saw them: prompt + answer + EOS."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    texts = [p + a + tokenizer.eos_token for p, a in zip(prompts, answers)]
+    scores = []
+    try:
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
+                              add_special_tokens=True).to(device)
+            scores.append(model(**batch).logits[:, 0].float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(scores)

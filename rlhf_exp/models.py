@@ -131,6 +131,16 @@ def load_causal_lm(model_cfg: ModelConfig, hardware: HardwareConfig, tokenizer, 
     return model
 
 
+def load_reward_model(model_cfg: ModelConfig, hardware: HardwareConfig, tokenizer, checkpoint: str):
+    """A scalar-head sequence classifier initialised from a policy checkpoint (the head is new)."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(checkpoint, num_labels=1,
+                                                               **load_kwargs(model_cfg, hardware))
+    model.config.pad_token_id = tokenizer.pad_token_id  # the score is read at the last non-pad token
+    return model
+
+
 def lora_config(model_cfg: ModelConfig, hardware: HardwareConfig, task_type: str = "CAUSAL_LM"):
     """peft LoraConfig when ``hardware.lora`` is on, else None (full fine-tuning)."""
     if not hardware.lora:

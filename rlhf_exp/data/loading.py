@@ -14,6 +14,8 @@ class PhaseData:
     eval: "datasets.Dataset | None"  # noqa: F821
     # held-out prompts scored with the gold reward (embedded task only)
     eval_prompts: list[str] | None = None
+    # gold rewards (chosen, rejected) of each eval pair (embedded task only), for RM accuracy against gold
+    eval_pair_golds: list[tuple[float, float]] | None = None
 
 
 @lru_cache(maxsize=4)
@@ -54,7 +56,7 @@ def preference_data(data: DataConfig) -> PhaseData:
             return [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs]
 
         return PhaseData(Dataset.from_list(rows(splits["pref_train"])), Dataset.from_list(rows(splits["pref_eval"])),
-                         splits["eval_prompts"])
+                         splits["eval_prompts"], [(p.gold_chosen, p.gold_rejected) for p in splits["pref_eval"]])
     from rlhf_exp.data.sources import load_preferences
 
     train, evaluation = load_preferences(data, data.seed)

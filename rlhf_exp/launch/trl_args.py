@@ -22,7 +22,8 @@ def _checkpointing_key() -> str:
     return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
 
 
-def training_kwargs(cfg: RunConfig, run_dir: Path, has_eval: bool) -> dict[str, Any]:
+def training_kwargs(cfg: RunConfig, run_dir: Path, has_eval: bool, best_metric: str = "eval_loss",
+                    greater_is_better: bool = False) -> dict[str, Any]:
     """Arguments shared by every TRL trainer (they are transformers.TrainingArguments fields)."""
     phase, hw = cfg.phase, cfg.hardware
     precision = str(hw.precision)
@@ -50,8 +51,9 @@ def training_kwargs(cfg: RunConfig, run_dir: Path, has_eval: bool) -> dict[str, 
         "save_total_limit": 2 if early_stop else None,
         "save_only_model": True,
         "load_best_model_at_end": early_stop,
-        "metric_for_best_model": "eval_loss",
-        "greater_is_better": False,
+        # early stopping and the restored "best" model follow this metric
+        "metric_for_best_model": best_metric,
+        "greater_is_better": greater_is_better,
         "bf16": precision == "bf16",
         "fp16": precision == "fp16",
         _checkpointing_key(): hw.gradient_checkpointing,
@@ -83,5 +85,15 @@ def dpo_config(cfg: RunConfig, run_dir: Path, has_eval: bool):
         **training_kwargs(cfg, run_dir, has_eval),
         beta=cfg.phase.beta,
         loss_type=[str(cfg.phase.loss_type)],
+        max_length=cfg.phase.max_length,
+    )
+
+
+def reward_config(cfg: RunConfig, run_dir: Path, has_eval: bool):
+    from trl import RewardConfig
+
+    # an overfit reward model is easier to hack: keep the checkpoint with the best held-out accuracy
+    return RewardConfig(
+        **training_kwargs(cfg, run_dir, has_eval, best_metric="eval_accuracy", greater_is_better=True),
         max_length=cfg.phase.max_length,
     )

@@ -14,8 +14,9 @@ from rlhf_exp.config.errors import ConfigError
 RUNNERS: dict[str, str] = {
     "sft": "rlhf_exp.runners.sft",
     "dpo": "rlhf_exp.runners.dpo",
+    "rm": "rlhf_exp.runners.rm",
 }
-PLANNED = {"rm": "the reward-model phase (issue #3)", "ppo": "the PPO phase (issue #3)"}
+PLANNED = {"ppo": "the PPO phase (issue #3)"}
 
 
 def get_runner(phase: str) -> Callable:

@@ -73,14 +73,13 @@ class Built:
     metrics: dict
 
 
-def train_evaluate_save(cfg: RunConfig, run: Run, built: Built) -> dict:
-    """Train, evaluate the final (best) model, save it for the next phase, write the summary."""
+def train_and_evaluate(cfg: RunConfig, run: Run, built: Built) -> dict:
+    """Train, then evaluate the final (best, when early stopping restored it) model on the eval split."""
     from transformers.trainer_callback import ProgressCallback
 
-    from rlhf_exp.models import save_for_next_phase
     from rlhf_exp.tracking.hf_callback import CompactProgress
 
-    trainer, log, tokenizer, data, metrics = built.trainer, built.log, built.tokenizer, built.data, built.metrics
+    trainer, log, metrics = built.trainer, built.log, built.metrics
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(CompactProgress())
     start = time.monotonic()
@@ -91,17 +90,29 @@ def train_evaluate_save(cfg: RunConfig, run: Run, built: Built) -> dict:
     metrics["train_loss_last"] = log.last("train/loss")
     metrics["train_loss_mean"] = result.training_loss
     metrics["early_stopped"] = trainer.state.global_step < trainer.state.max_steps  # only early stopping ends sooner
-    if data.eval is not None:
+    if built.data.eval is not None:
         log.muted = True  # the best model's numbers: already in metrics.jsonl at the step they were logged
         final = rename(trainer.evaluate(), with_perplexity=log.perplexity)
         log.muted = False
         metrics.update({summary_key(k): v for k, v in final.items() if k.startswith("eval/")})
-
-    score = gold(cfg, trainer.model, tokenizer, data, run, "final")
-    if score is not None:
-        metrics["gold_score"] = score
-        run.log({"eval/gold_score": score}, step=trainer.state.global_step)
-    final_dir = save_for_next_phase(trainer.model, tokenizer, run.checkpoint_dir / "final")
-    shutil.rmtree(run.checkpoint_dir / "trainer", ignore_errors=True)  # the best weights are in final/
-    run.finish(metrics, final_dir)
     return metrics
+
+
+def save_and_finish(run: Run, built: Built, folder: str = "final") -> dict:
+    """Save the model the next phase loads under checkpoints/<folder>/, then write the summary."""
+    from rlhf_exp.models import save_for_next_phase
+
+    final_dir = save_for_next_phase(built.trainer.model, built.tokenizer, run.checkpoint_dir / folder)
+    shutil.rmtree(run.checkpoint_dir / "trainer", ignore_errors=True)  # the best weights are in final_dir
+    run.finish(built.metrics, final_dir)
+    return built.metrics
+
+
+def train_evaluate_save(cfg: RunConfig, run: Run, built: Built) -> dict:
+    """Policy phases: train, evaluate, score gold on the embedded task, save, write the summary."""
+    train_and_evaluate(cfg, run, built)
+    score = gold(cfg, built.trainer.model, built.tokenizer, built.data, run, "final")
+    if score is not None:
+        built.metrics["gold_score"] = score
+        run.log({"eval/gold_score": score}, step=built.trainer.state.global_step)
+    return save_and_finish(run, built)

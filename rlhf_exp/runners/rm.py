@@ -1,0 +1,77 @@
+"""Reward model on TRL's RewardTrainer (Bradley-Terry loss on preference pairs), from an SFT run.
+
+The model is the SFT checkpoint with a new scalar head, read at the last token. Embeddings are frozen
+by default. Early stopping and the kept checkpoint follow held-out pairwise accuracy. The run folder
+gets ``reward_stats.json`` (mean/std of scores on the held-out answers) so PPO can normalise rewards,
+and the model goes to ``checkpoints/reward_model/``, apart from policy checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from rlhf_exp.config.schema import RunConfig
+from rlhf_exp.tracking.run import Run
+
+LOW_ACCURACY = 0.60
+
+
+def build(cfg: RunConfig, run: Run):
+    from transformers import set_seed
+    from trl import RewardTrainer
+
+    from rlhf_exp.data.loading import preference_data
+    from rlhf_exp.launch.trl_args import reward_config
+    from rlhf_exp.models import load_reward_model, load_tokenizer, lora_config
+    from rlhf_exp.runners.common import Built, callbacks, quiet_libraries
+
+    quiet_libraries()
+    set_seed(cfg.seed)
+    sft = next(p for p in run.parents if p["phase"] == "sft")
+    data = preference_data(cfg.data)
+    tokenizer = load_tokenizer(cfg.model, checkpoint=sft["checkpoint"])
+    model = load_reward_model(cfg.model, cfg.hardware, tokenizer, sft["checkpoint"])
+    if cfg.phase.freeze_embeddings:
+        model.get_input_embeddings().requires_grad_(False)
+    log, cbs = callbacks(cfg, run, data)
+    trainer = RewardTrainer(
+        model=model,
+        args=reward_config(cfg, run.dir, has_eval=data.eval is not None),
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=tokenizer,
+        peft_config=lora_config(cfg.model, cfg.hardware, task_type="SEQ_CLS"),
+        callbacks=cbs,
+    )
+    return Built(trainer, log, tokenizer, data, {"sft_run": sft["run_id"]})
+
+
+def run(cfg: RunConfig, run: Run) -> dict:
+    from rlhf_exp.evaluation import reward_scores
+    from rlhf_exp.runners.common import save_and_finish, train_and_evaluate
+
+    built = build(cfg, run)
+    metrics = train_and_evaluate(cfg, run, built)
+    accuracy = metrics.get("eval_accuracy")
+    if accuracy is not None and accuracy < LOW_ACCURACY:
+        print(f"rlhf_exp: warning: reward model held-out accuracy {accuracy:.3f} < {LOW_ACCURACY}: annotation "
+              "data likely inconsistent (InstructGPT-style labels typically give 0.65-0.75)", file=sys.stderr)
+    data = built.data
+    if data.eval is not None:
+        rows = data.eval
+        batch = cfg.phase.per_device_eval_batch_size
+        chosen = reward_scores(built.trainer.model, built.tokenizer, rows["prompt"], rows["chosen"], batch)
+        rejected = reward_scores(built.trainer.model, built.tokenizer, rows["prompt"], rows["rejected"], batch)
+        scores = chosen.new_tensor([*chosen.tolist(), *rejected.tolist()])
+        stats = {"mean": scores.mean().item(), "std": scores.std().item(), "n": len(scores),
+                 "reference": "chosen and rejected answers of the eval split"}
+        (run.dir / "reward_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+        metrics.update(reward_mean=stats["mean"], reward_std=stats["std"])
+        if data.eval_pair_golds:
+            agree = [(c > r) == (gc > gr) for c, r, (gc, gr) in zip(chosen.tolist(), rejected.tolist(),
+                                                                    data.eval_pair_golds) if gc != gr]
+            if agree:
+                metrics["gold_accuracy"] = sum(agree) / len(agree)
+                run.log({"eval/gold_accuracy": metrics["gold_accuracy"]}, step=built.trainer.state.global_step)
+    return save_and_finish(run, built, folder="reward_model")
