@@ -173,7 +173,8 @@ def print_result(phase: str, run_dir: Path, metrics: dict) -> None:
         start = metrics.get("gold_score_initial")
         shown.append(f"gold_score {start:.3f} -> {metrics['gold_score']:.3f}" if start is not None
                      else f"gold_score {metrics['gold_score']:.3f}")
-    for key in ("eval_loss", "eval_perplexity", "eval_rewards_accuracies", "eval_accuracy", "gold_accuracy"):
+    for key in ("eval_loss", "eval_perplexity", "eval_rewards_accuracies", "eval_accuracy", "gold_accuracy", "kl",
+                "reward"):
         if key in metrics:
             shown.append(f"{key} {metrics[key]:.4g}")
     print(f"rlhf_exp: {phase} finished in {metrics.get('train_runtime_s', 0):.0f}s of training: "

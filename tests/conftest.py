@@ -53,3 +53,12 @@ def sft_run(tmp_path_factory) -> Path:
     proc = run_cli([f"output_root={root}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return only_run(root, "sft")
+
+
+@pytest.fixture(scope="session")
+def rm_run(sft_run, tmp_path_factory) -> Path:
+    """A reward model trained from ``sft_run`` through the CLI, once per session."""
+    root = tmp_path_factory.mktemp("rm_outputs")
+    proc = run_cli(["phase=rm", f"phase.sft_run={sft_run}", f"output_root={root}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return only_run(root, "rm")

@@ -79,6 +79,12 @@ def validate(cfg: DictConfig) -> None:
         check(0 < phase.cliprange < 1, f"phase.cliprange={phase.cliprange}: must be in (0, 1)")
         check(phase.kl_coef >= 0, f"phase.kl_coef={phase.kl_coef}: must be >= 0")
         check(0 <= phase.lam <= 1 and 0 <= phase.gamma <= 1, "phase.gamma and phase.lam must be in [0, 1]")
+        check(phase.kl_target > 0 and phase.kl_horizon >= 1, "phase.kl_target must be > 0 and phase.kl_horizon >= 1")
+        check(phase.temperature > 0 and 0 < phase.top_p <= 1, "phase.temperature must be > 0 and phase.top_p in (0, 1]")
+        check(phase.ppo_epochs >= 1 and 1 <= phase.num_mini_batches <= phase.rollout_batch_size,
+              f"phase.ppo_epochs must be >= 1 and phase.num_mini_batches in [1, phase.rollout_batch_size="
+              f"{phase.rollout_batch_size}]")
+        check(phase.target_kl is None or phase.target_kl > 0, "phase.target_kl must be > 0, or null (never stop early)")
 
     # model
     if model.source == "hub":

@@ -15,8 +15,9 @@ RUNNERS: dict[str, str] = {
     "sft": "rlhf_exp.runners.sft",
     "dpo": "rlhf_exp.runners.dpo",
     "rm": "rlhf_exp.runners.rm",
+    "ppo": "rlhf_exp.runners.ppo",
 }
-PLANNED = {"ppo": "the PPO phase (issue #3)"}
+PLANNED: dict[str, str] = {}
 
 
 def get_runner(phase: str) -> Callable:

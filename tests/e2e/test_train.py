@@ -156,10 +156,8 @@ def test_dpo_sweep_jobs_share_one_parent_and_get_their_own_folders(sft_run):
     assert betas == {0.05, 0.2}
 
 
-def test_reward_model_learns_annotator_and_gold_preferences(sft_run, tmp_path):
-    proc = run_cli(["phase=rm", f"phase.sft_run={sft_run}", f"output_root={tmp_path}"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rm = only_run(tmp_path, "rm")
+def test_reward_model_learns_annotator_and_gold_preferences(sft_run, rm_run):
+    rm = rm_run
     summary = read_json(rm / "summary.json")
     m = summary["metrics"]
     assert m["eval_accuracy"] >= 0.65, m  # issue 3's bar; annotators agree with gold 72%
@@ -176,7 +174,6 @@ def test_reward_model_learns_annotator_and_gold_preferences(sft_run, tmp_path):
     key = "model.embed_tokens.weight"
     assert torch.equal(reward[key], policy[key]), "embeddings are frozen by default"
     assert changed(policy, reward), "the body trained"
-    assert "warning" not in proc.stderr
 
 
 def test_reward_model_on_inconsistent_labels_warns(sft_run, tmp_path):
@@ -186,3 +183,44 @@ def test_reward_model_on_inconsistent_labels_warns(sft_run, tmp_path):
     accuracy = read_json(only_run(tmp_path, "rm") / "summary.json")["metrics"]["eval_accuracy"]
     assert accuracy < 0.60
     assert "annotation data likely inconsistent" in proc.stderr and "0.65-0.75" in proc.stderr
+
+
+PPO_METRICS = ("ppo/reward", "ppo/kl", "ppo/kl_coef", "ppo/entropy", "ppo/response_length", "ppo/clipfrac",
+               "ppo/approx_kl", "ppo/value_loss", "ppo/policy_loss", "ppo/explained_variance", "ppo/gold_reward")
+
+
+def test_ppo_beats_sft_on_gold_within_the_kl_budget(sft_run, rm_run, tmp_path):
+    proc = run_cli(["phase=ppo", f"phase.sft_run={sft_run}", f"phase.reward_run={rm_run}", f"output_root={tmp_path}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ppo = only_run(tmp_path, "ppo")
+    summary, config = read_json(ppo / "summary.json"), OmegaConf.load(ppo / "config.yaml")
+    m, sft_gold = summary["metrics"], read_json(sft_run / "summary.json")["metrics"]["gold_score"]
+    # issue 3's bars: gold +0.05 over SFT, final KL below twice the adaptive controller's target
+    assert config.phase.kl_ctrl == "adaptive"
+    assert m["gold_score"] >= sft_gold + 0.05, m
+    assert m["kl"] < 2 * config.phase.kl_target, m
+    steps = [r for r in read_metrics(ppo) if "ppo/reward" in r]
+    assert len(steps) == config.phase.max_steps and all(k in steps[-1] for k in PPO_METRICS)
+    assert steps[-1]["ppo/reward"] > steps[0]["ppo/reward"], "the reward model's score rose"
+    assert steps[-1]["ppo/kl_coef"] != steps[0]["ppo/kl_coef"], "the adaptive controller moved the coefficient"
+    assert [p["phase"] for p in read_json(ppo / "manifest.json")["parents"]] == ["sft", "rm"]
+    assert changed(checkpoint_state(read_json(sft_run / "summary.json")["checkpoint"]),
+                   checkpoint_state(summary["checkpoint"]))
+
+
+def test_ppo_with_a_huge_fixed_kl_coef_stays_at_the_reference(sft_run, rm_run, tmp_path):
+    proc = run_cli(["phase=ppo", f"phase.sft_run={sft_run}", f"phase.reward_run={rm_run}", "phase.kl_ctrl=fixed",
+                    "phase.kl_coef=50", "phase.max_steps=20", f"output_root={tmp_path}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = read_json(only_run(tmp_path, "ppo") / "summary.json")["metrics"]
+    assert m["kl"] < 0.1, m
+    assert abs(m["gold_score"] - m["gold_score_initial"]) < 0.05, m
+    assert all(r["ppo/kl_coef"] == 50 for r in read_metrics(only_run(tmp_path, "ppo")) if "ppo/kl_coef" in r)
+
+
+def test_ppo_with_lora_uses_disabled_adapters_as_reference(sft_run, rm_run, tmp_path):
+    proc = run_cli(["phase=ppo", f"phase.sft_run={sft_run}", f"phase.reward_run={rm_run}", "hardware.lora=true",
+                    "phase.max_steps=3", f"output_root={tmp_path}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = [r for r in read_metrics(only_run(tmp_path, "ppo")) if "ppo/kl" in r][0]
+    assert first["ppo/kl"] == pytest.approx(0.0, abs=1e-5), "before any update the policy equals its reference"

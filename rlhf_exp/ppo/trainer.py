@@ -1,0 +1,198 @@
+"""The PPO loop: rollouts from the policy, scores from a frozen reward model, a per-token KL penalty to
+the frozen reference (the SFT model), GAE, then clipped updates of policy and critic.
+
+Models: policy = SFT checkpoint (LoRA adapters when ``hardware.lora``; the reference is then the same
+weights with adapters disabled, no second copy); critic = a separate per-token value model initialised
+from the reward model (its body already reads answers); reward model frozen, scores normalised with
+the RM run's ``reward_stats.json``. The math lives in ``rlhf_exp.ppo.core``; this module orchestrates.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from rlhf_exp.ppo import core
+
+
+@dataclass
+class Rollout:
+    input_ids: torch.Tensor  # [B, P + R] prompt (left-padded) then response
+    attention_mask: torch.Tensor
+    prompt_len: int
+    mask: torch.Tensor  # [B, R] response tokens up to and including the first EOS
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    scores: torch.Tensor  # raw reward-model scores, [B]
+    texts: list[str]
+
+
+def token_logprobs(model, input_ids, attention_mask, prompt_len: int, temperature: float):
+    """Log-probabilities (and entropies) of the response tokens under ``model``."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, prompt_len - 1:-1].float()
+    logits = logits / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logprobs = torch.gather(logp_all, 2, input_ids[:, prompt_len:].unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logprobs, entropy
+
+
+def token_values(critic, input_ids, attention_mask, prompt_len: int):
+    return critic(input_ids=input_ids, attention_mask=attention_mask).logits[:, prompt_len - 1:-1, 0].float()
+
+
+class PPOTrainer:
+    def __init__(self, phase, policy, critic, reward_model, tokenizer, prompts: list[str], reward_stats: dict | None,
+                 seed: int, reference=None, gold_fn=None):
+        self.phase = phase
+        self.policy, self.critic, self.reward_model = policy, critic, reward_model
+        self.reference = reference  # None: the policy with its LoRA adapters disabled
+        self.tokenizer = tokenizer
+        self.prompts = prompts
+        self.reward_stats = reward_stats
+        self.gold_fn = gold_fn
+        self.generator = torch.Generator().manual_seed(seed)
+        self.kl_ctl = core.kl_controller(str(phase.kl_ctrl), phase.kl_coef, phase.kl_target, phase.kl_horizon)
+        trainable = [p for p in policy.parameters() if p.requires_grad]
+        self.policy_opt = torch.optim.AdamW(trainable, lr=phase.learning_rate, weight_decay=phase.weight_decay)
+        self.critic_opt = torch.optim.AdamW(critic.parameters(), lr=phase.learning_rate, weight_decay=phase.weight_decay)
+        for frozen in (reward_model, reference):
+            if frozen is not None:
+                frozen.requires_grad_(False).eval()
+        self.device = next(policy.parameters()).device
+
+    # -- rollout -------------------------------------------------------------------------------
+    def _reference_logprobs(self, ids, attn, prompt_len):
+        with torch.no_grad():
+            if self.reference is not None:
+                return token_logprobs(self.reference, ids, attn, prompt_len, self.phase.temperature)[0]
+            with self.policy.disable_adapter():
+                return token_logprobs(self.policy, ids, attn, prompt_len, self.phase.temperature)[0]
+
+    @torch.no_grad()
+    def rollout(self) -> tuple[Rollout, torch.Tensor]:
+        tok, phase = self.tokenizer, self.phase
+        pick = torch.randint(len(self.prompts), (phase.rollout_batch_size,), generator=self.generator).tolist()
+        prompts = [self.prompts[i] for i in pick]
+        side, tok.padding_side = tok.padding_side, "left"
+        batch = tok(prompts, return_tensors="pt", padding=True).to(self.device)
+        tok.padding_side = side
+        self.policy.eval()
+        out = self.policy.generate(**batch, do_sample=True, temperature=phase.temperature, top_p=phase.top_p,
+                                   max_new_tokens=phase.max_new_tokens, pad_token_id=tok.pad_token_id,
+                                   eos_token_id=tok.eos_token_id)
+        prompt_len = batch["input_ids"].shape[1]
+        response = out[:, prompt_len:]
+        mask = core.response_mask(response, tok.eos_token_id, tok.pad_token_id)
+        attn = torch.cat([batch["attention_mask"], mask.long()], dim=1)
+        logprobs, entropy = token_logprobs(self.policy, out, attn, prompt_len, phase.temperature)
+        ref_logprobs = self._reference_logprobs(out, attn, prompt_len)
+        values = token_values(self.critic, out, attn, prompt_len)
+        # the reward model reads the answer up to its EOS: tokens after it become padding
+        scored = torch.where(attn.bool(), out, torch.full_like(out, tok.pad_token_id))
+        scores = self.reward_model(input_ids=scored, attention_mask=attn).logits[:, 0].float()
+        texts = tok.batch_decode(response * mask.long() + tok.pad_token_id * (1 - mask.long()), skip_special_tokens=True)
+        rollout = Rollout(out, attn, prompt_len, mask, logprobs, ref_logprobs, values, scores, texts)
+        self._prompts_of_last_rollout = prompts
+        return rollout, core.masked_mean(entropy, mask)
+
+    def shaped_scores(self, r: Rollout) -> torch.Tensor:
+        """RM score, normalised and clipped, minus the length and missing-EOS penalties."""
+        phase, scores = self.phase, r.scores
+        if phase.normalize_reward and self.reward_stats:
+            scores = (scores - self.reward_stats["mean"]) / max(self.reward_stats["std"], 1e-6)
+        if phase.reward_clip is not None:
+            scores = scores.clamp(-phase.reward_clip, phase.reward_clip)
+        lengths = r.mask.sum(1)
+        scores = scores - phase.length_penalty * lengths / phase.max_new_tokens
+        if phase.missing_eos_penalty is not None:
+            ended = (r.input_ids[:, r.prompt_len:] == self.tokenizer.eos_token_id).any(1)
+            scores = scores - phase.missing_eos_penalty * (~ended).float()
+        return scores
+
+    # -- one PPO step --------------------------------------------------------------------------
+    def step(self) -> dict[str, float]:
+        phase = self.phase
+        r, entropy = self.rollout()
+        kl = core.kl_per_token(r.logprobs, r.ref_logprobs, str(phase.kl_estimator)) * r.mask
+        rewards = core.shaped_rewards(self.shaped_scores(r), kl, self.kl_ctl.value, r.mask)
+        advantages, returns = core.gae(rewards, r.values, r.mask, phase.gamma, phase.lam)
+        advantages = core.masked_whiten(advantages, r.mask)
+
+        self.policy.train()
+        self.critic.train()
+        batch = r.input_ids.shape[0]
+        stats: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "clipfrac": [], "approx_kl": []}
+        stop = False
+        for _ in range(phase.ppo_epochs):
+            order = torch.randperm(batch, generator=self.generator)
+            for idx in order.chunk(phase.num_mini_batches):
+                ids, attn, m = r.input_ids[idx], r.attention_mask[idx], r.mask[idx]
+                logprobs, _ = token_logprobs(self.policy, ids, attn, r.prompt_len, phase.temperature)
+                values = token_values(self.critic, ids, attn, r.prompt_len)
+                pl = core.clipped_policy_loss(logprobs, r.logprobs[idx], advantages[idx], m, phase.cliprange)
+                vl = core.clipped_value_loss(values, r.values[idx], returns[idx], m, phase.cliprange_value)
+                self.policy_opt.zero_grad()
+                self.critic_opt.zero_grad()
+                (pl.loss + phase.vf_coef * vl).backward()
+                torch.nn.utils.clip_grad_norm_(self.policy.parameters(), phase.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(self.critic.parameters(), phase.max_grad_norm)
+                self.policy_opt.step()
+                self.critic_opt.step()
+                for key, value in (("policy_loss", pl.loss), ("value_loss", vl), ("clipfrac", pl.clipfrac),
+                                   ("approx_kl", pl.approx_kl)):
+                    stats[key].append(value.item())
+                # old TRL's rule: stop this step's epochs once the update drifted 1.5x past target_kl
+                if phase.target_kl is not None and pl.approx_kl.item() > 1.5 * phase.target_kl:
+                    stop = True
+                    break
+            if stop:
+                break
+
+        mean_kl = kl.sum(1).mean().item()  # mean over sequences of the summed per-token KL
+        kl_coef = self.kl_ctl.value
+        self.kl_ctl.update(mean_kl, n_steps=batch)
+        metrics = {f"ppo/{k}": sum(v) / len(v) for k, v in stats.items()}
+        valid = r.mask > 0
+        residual_var = torch.var((returns - r.values)[valid])
+        metrics.update({
+            "ppo/reward": r.scores.mean().item(),
+            "ppo/kl": mean_kl,
+            "ppo/kl_coef": kl_coef,
+            "ppo/entropy": entropy.item(),
+            "ppo/response_length": r.mask.sum(1).float().mean().item(),
+            "ppo/explained_variance": 1.0 - (residual_var / torch.var(returns[valid]).clamp(min=1e-8)).item(),
+            "ppo/early_stopped_epochs": float(stop),
+        })
+        if self.gold_fn is not None:
+            golds = [self.gold_fn(p, t) for p, t in zip(self._prompts_of_last_rollout, r.texts)]
+            metrics["ppo/gold_reward"] = sum(golds) / len(golds)
+        return metrics
+
+    def train(self, steps: int, log) -> dict[str, float]:
+        last: dict[str, float] = {}
+        bar = tqdm(range(1, steps + 1), desc="ppo")
+        for step in bar:
+            last = self.step()
+            log(last, step)
+            bar.set_postfix(reward=f"{last['ppo/reward']:.3f}", kl=f"{last['ppo/kl']:.3f}", refresh=False)
+            if not math.isfinite(last["ppo/policy_loss"]):
+                raise FloatingPointError(f"PPO policy loss is {last['ppo/policy_loss']} at step {step}")
+        return last
+
+
+def load_reward_stats(rm_run: Path) -> dict | None:
+    path = Path(rm_run) / "reward_stats.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def frozen_copy(model):
+    return copy.deepcopy(model).requires_grad_(False).eval()
+

@@ -1,0 +1,66 @@
+"""PPO against a reward-model run, from an SFT run (our own loop: rlhf_exp.ppo)."""
+
+from __future__ import annotations
+
+import time
+
+from rlhf_exp.config.schema import RunConfig
+from rlhf_exp.tracking.run import Run
+
+
+def _prompts(cfg: RunConfig, tokenizer) -> tuple[list[str], object]:
+    """Training prompts (from the preference data's prompts) as text, and the phase's data."""
+    from rlhf_exp.data.loading import preference_data
+
+    data = preference_data(cfg.data)
+    prompts = list(dict.fromkeys(
+        p if isinstance(p, str) else tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+        for p in data.train["prompt"]))
+    return prompts, data
+
+
+def run(cfg: RunConfig, run: Run) -> dict:
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, set_seed
+
+    from rlhf_exp.data.synthetic import gold_reward
+    from rlhf_exp.models import load_causal_lm, load_kwargs, load_tokenizer, lora_config, save_for_next_phase
+    from rlhf_exp.ppo.trainer import PPOTrainer, frozen_copy, load_reward_stats
+    from rlhf_exp.runners.common import gold, quiet_libraries, record_initial_gold
+
+    quiet_libraries()
+    set_seed(cfg.seed)
+    sft = next(p for p in run.parents if p["phase"] == "sft")
+    rm = next(p for p in run.parents if p["phase"] == "rm")
+    tokenizer = load_tokenizer(cfg.model, checkpoint=sft["checkpoint"])
+    prompts, data = _prompts(cfg, tokenizer)
+    policy = load_causal_lm(cfg.model, cfg.hardware, tokenizer, checkpoint=sft["checkpoint"])
+    metrics: dict = {"sft_run": sft["run_id"], "reward_run": rm["run_id"]}
+    record_initial_gold(cfg, policy, tokenizer, data, run, metrics)
+
+    peft = lora_config(cfg.model, cfg.hardware)
+    if peft is not None:
+        from peft import get_peft_model
+
+        policy, reference = get_peft_model(policy, peft), None  # reference = adapters disabled
+    else:
+        reference = frozen_copy(policy)
+    kwargs = load_kwargs(cfg.model, cfg.hardware)
+    reward_model = AutoModelForSequenceClassification.from_pretrained(rm["checkpoint"], **kwargs)
+    critic = AutoModelForTokenClassification.from_pretrained(rm["checkpoint"], num_labels=1, **kwargs)
+    trainer = PPOTrainer(cfg.phase, policy, critic, reward_model, tokenizer, prompts,
+                         load_reward_stats(rm["path"]), cfg.seed, reference=reference,
+                         gold_fn=gold_reward if data.eval_prompts else None)
+    steps = cfg.phase.max_steps if cfg.phase.max_steps > 0 else max(
+        1, int(cfg.phase.num_epochs * len(prompts) / cfg.phase.rollout_batch_size))
+    start = time.monotonic()
+    last = trainer.train(steps, run.log)
+    metrics["train_runtime_s"] = round(time.monotonic() - start, 2)
+
+    metrics.update(steps=steps, kl=last["ppo/kl"], reward=last["ppo/reward"], kl_coef_final=trainer.kl_ctl.value)
+    score = gold(cfg, trainer.policy, tokenizer, data, run, "final")
+    if score is not None:
+        metrics["gold_score"] = score
+        run.log({"eval/gold_score": score}, step=steps)
+    final_dir = save_for_next_phase(trainer.policy, tokenizer, run.checkpoint_dir / "final")
+    run.finish(metrics, final_dir)
+    return metrics
