@@ -12,6 +12,7 @@ the valid ones and the fix, in one or two lines, and exit with status 2.
 from __future__ import annotations
 
 import itertools
+import re
 import sys
 from pathlib import Path
 
@@ -70,6 +71,8 @@ def compose(overrides: list[str], config_dir: Path = CONF_DIR) -> DictConfig:
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    # pipeline.<phase>.<key>=v adds to that phase's (free-form) settings; the phase schema checks it later
+    overrides = [f"+{o}" if re.match(r"pipeline\.\w+\.\w", o) else o for o in overrides]
     try:
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3", job_name="rlhf_exp"):
@@ -167,6 +170,22 @@ def run_job(cfg: DictConfig):
     return result.get("gold_score", result.get("eval_loss"))
 
 
+def _pipeline(cfgs: list[DictConfig], flags) -> None:
+    from rlhf_exp import pipeline
+
+    if flags.multirun:
+        raise ConfigError("pipeline=... runs its phases itself; sweeping whole pipelines with -m is not supported yet")
+    cfg = cfgs[0]
+    if cfg.dry_run:
+        pipeline.check(cfg, flags.overrides)
+        common = pipeline.common_overrides([o for o in flags.overrides if not o.startswith("dry_run")])
+        for phase in cfg.pipeline.phases:
+            print("python -m rlhf_exp " + " ".join(pipeline.phase_args(cfg, phase, common, None)))
+        print("dry run: every phase composed and checked; nothing loaded, nothing trained.")
+        return
+    pipeline.run(cfg, flags.overrides)
+
+
 def print_result(phase: str, run_dir: Path, metrics: dict) -> None:
     shown = []
     if "gold_score" in metrics:
@@ -226,7 +245,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not (flags.hydra_help or flags.info or flags.shell_completion):
         try:
+            if any(o.split("=", 1)[0] == "pipeline" and not o.endswith("=null") for o in flags.overrides):
+                from rlhf_exp.pipeline import common_overrides
+
+                common_overrides(flags.overrides)  # phase settings under a pipeline: say where they go
             cfgs = preflight(flags.overrides, multirun=flags.multirun, check_rules=flags.cfg is None)
+            if flags.cfg is None and cfgs[0].pipeline is not None:
+                _pipeline(cfgs, flags)
+                return
             if flags.cfg is None and cfgs[0].dry_run and not flags.multirun:
                 from rlhf_exp.plan import print_plan
 

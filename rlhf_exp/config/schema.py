@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Optional
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -359,6 +359,21 @@ class LoggerConfig:
     group: Optional[str] = None
 
 
+# ------------------------------------------------------------------------ pipeline
+
+
+@dataclass
+class PipelineConfig:
+    name: str = MISSING
+    # phases run in order, each in <pipeline folder>/<phase>/, children pointed at their parents there
+    phases: list[str] = field(default_factory=lambda: ["sft", "rm", "ppo", "dpo"])
+    # per-phase settings, e.g. pipeline.ppo.kl_coef=0.1 (checked against that phase's schema)
+    sft: dict[str, Any] = field(default_factory=dict)
+    rm: dict[str, Any] = field(default_factory=dict)
+    ppo: dict[str, Any] = field(default_factory=dict)
+    dpo: dict[str, Any] = field(default_factory=dict)
+
+
 # ---------------------------------------------------------------------------- root
 
 
@@ -369,6 +384,8 @@ class RunConfig:
     phase: PhaseConfig = MISSING
     hardware: HardwareConfig = MISSING
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    # pipeline=rlhf runs several phases in one command (null: a single phase)
+    pipeline: Optional[PipelineConfig] = None
     # seed of model init, data order and sampling for this run
     seed: int = 0
     # where runs live; parent runs (phase.sft_run=null) are looked up here
@@ -391,6 +408,7 @@ GROUP_SCHEMAS: dict[str, type] = {
     "data": DataConfig,
     "hardware": HardwareConfig,
     "logger": LoggerConfig,
+    "pipeline": PipelineConfig,
 }
 
 

@@ -82,7 +82,7 @@ class Run:
     def __init__(self, run_dir: Path, cfg: DictConfig, parents: list[dict] | None = None):
         self.dir = Path(run_dir).resolve()
         self.cfg = cfg
-        self.run_id = self.dir.name
+        self.run_id = run_id_of(self.dir)
         self.phase = str(cfg.phase.name)
         self.parents = parents or []
         self.checkpoint_dir = self.dir / "checkpoints"
@@ -167,6 +167,14 @@ class Run:
                 sink.summary(summary["metrics"])
         self._summary_written = True
         return summary
+
+
+def run_id_of(run_dir: Path) -> str:
+    """A run's id is its folder's name; in a pipeline the folder is named after the phase (sft/, rm/),
+    so the pipeline's folder name is prefixed to keep ids unique."""
+    from rlhf_exp.tracking.lineage import PARENTS
+
+    return f"{run_dir.parent.name}_{run_dir.name}" if run_dir.name in PARENTS else run_dir.name
 
 
 def _command_line() -> str:
