@@ -157,11 +157,21 @@ def lora_config(model_cfg: ModelConfig, hardware: HardwareConfig, task_type: str
     )
 
 
-def save_for_next_phase(model, tokenizer, path: Path) -> Path:
-    """Save full weights + tokenizer where the next phase loads them; LoRA adapters are merged in."""
+def save_for_next_phase(model, tokenizer, path: Path, kind: str, step: int, run_id: str) -> Path:
+    """Save full weights + tokenizer where the next phase loads them; LoRA adapters are merged in.
+
+    ``checkpoint.json`` labels what the folder holds (a policy or a reward model), from which run and
+    step, and when, so reward-model checkpoints are never mistaken for policies.
+    """
+    import datetime as dt
+    import json
+
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    label = {"kind": kind, "run_id": run_id, "step": step,
+             "saved_at": dt.datetime.now(dt.timezone.utc).astimezone().isoformat(timespec="seconds")}
+    (path / "checkpoint.json").write_text(json.dumps(label, indent=2) + "\n")
     return path

@@ -9,6 +9,7 @@ the RM run's ``reward_stats.json``. The math lives in ``rlhf_exp.ppo.core``; thi
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -44,15 +45,31 @@ def token_logprobs(model, input_ids, attention_mask, prompt_len: int, temperatur
     return logprobs, entropy
 
 
+@contextlib.contextmanager
+def unwrapped_for_generation(accelerator, model):
+    """The bare model for ``generate``: out of DDP's wrapper and, under DeepSpeed ZeRO-3, with its
+    sharded parameters gathered for the duration (generation calls the model token by token, which a
+    ZeRO-3 shard cannot do alone). The ZeRO-3 branch is untested here (no GPU, no DeepSpeed in CI)."""
+    unwrapped = accelerator.unwrap_model(model)
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None and plugin.zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            yield unwrapped
+    else:
+        yield unwrapped
+
+
 def token_values(critic, input_ids, attention_mask, prompt_len: int):
     return critic(input_ids=input_ids, attention_mask=attention_mask).logits[:, prompt_len - 1:-1, 0].float()
 
 
 class PPOTrainer:
     def __init__(self, phase, policy, critic, reward_model, tokenizer, prompts: list[str], reward_stats: dict | None,
-                 seed: int, reference=None, gold_fn=None):
+                 seed: int, accelerator, reference=None, gold_fn=None):
         self.phase = phase
-        self.policy, self.critic, self.reward_model = policy, critic, reward_model
+        self.accelerator = accelerator
         self.reference = reference  # None: the policy with its LoRA adapters disabled
         self.tokenizer = tokenizer
         self.prompts = prompts
@@ -61,19 +78,23 @@ class PPOTrainer:
         self.generator = torch.Generator().manual_seed(seed)
         self.kl_ctl = core.kl_controller(str(phase.kl_ctrl), phase.kl_coef, phase.kl_target, phase.kl_horizon)
         trainable = [p for p in policy.parameters() if p.requires_grad]
-        self.policy_opt = torch.optim.AdamW(trainable, lr=phase.learning_rate, weight_decay=phase.weight_decay)
-        self.critic_opt = torch.optim.AdamW(critic.parameters(), lr=phase.learning_rate, weight_decay=phase.weight_decay)
+        policy_opt = torch.optim.AdamW(trainable, lr=phase.learning_rate, weight_decay=phase.weight_decay)
+        critic_opt = torch.optim.AdamW(critic.parameters(), lr=phase.learning_rate, weight_decay=phase.weight_decay)
+        # accelerate places the trained models and wraps them for DDP when several processes run
+        self.policy, self.critic, self.policy_opt, self.critic_opt = accelerator.prepare(
+            policy, critic, policy_opt, critic_opt)
+        self.device = accelerator.device
         for frozen in (reward_model, reference):
             if frozen is not None:
-                frozen.requires_grad_(False).eval()
-        self.device = next(policy.parameters()).device
+                frozen.requires_grad_(False).eval().to(self.device)
+        self.reward_model = reward_model
 
     # -- rollout -------------------------------------------------------------------------------
     def _reference_logprobs(self, ids, attn, prompt_len):
         with torch.no_grad():
             if self.reference is not None:
                 return token_logprobs(self.reference, ids, attn, prompt_len, self.phase.temperature)[0]
-            with self.policy.disable_adapter():
+            with self.accelerator.unwrap_model(self.policy).disable_adapter():
                 return token_logprobs(self.policy, ids, attn, prompt_len, self.phase.temperature)[0]
 
     @torch.no_grad()
@@ -85,9 +106,10 @@ class PPOTrainer:
         batch = tok(prompts, return_tensors="pt", padding=True).to(self.device)
         tok.padding_side = side
         self.policy.eval()
-        out = self.policy.generate(**batch, do_sample=True, temperature=phase.temperature, top_p=phase.top_p,
-                                   max_new_tokens=phase.max_new_tokens, pad_token_id=tok.pad_token_id,
-                                   eos_token_id=tok.eos_token_id)
+        with unwrapped_for_generation(self.accelerator, self.policy) as model:
+            out = model.generate(**batch, do_sample=True, temperature=phase.temperature, top_p=phase.top_p,
+                                 max_new_tokens=phase.max_new_tokens, pad_token_id=tok.pad_token_id,
+                                 eos_token_id=tok.eos_token_id)
         prompt_len = batch["input_ids"].shape[1]
         response = out[:, prompt_len:]
         mask = core.response_mask(response, tok.eos_token_id, tok.pad_token_id)
@@ -141,9 +163,9 @@ class PPOTrainer:
                 vl = core.clipped_value_loss(values, r.values[idx], returns[idx], m, phase.cliprange_value)
                 self.policy_opt.zero_grad()
                 self.critic_opt.zero_grad()
-                (pl.loss + phase.vf_coef * vl).backward()
-                torch.nn.utils.clip_grad_norm_(self.policy.parameters(), phase.max_grad_norm)
-                torch.nn.utils.clip_grad_norm_(self.critic.parameters(), phase.max_grad_norm)
+                self.accelerator.backward(pl.loss + phase.vf_coef * vl)
+                self.accelerator.clip_grad_norm_(self.policy.parameters(), phase.max_grad_norm)
+                self.accelerator.clip_grad_norm_(self.critic.parameters(), phase.max_grad_norm)
                 self.policy_opt.step()
                 self.critic_opt.step()
                 for key, value in (("policy_loss", pl.loss), ("value_loss", vl), ("clipfrac", pl.clipfrac),

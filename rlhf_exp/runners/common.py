@@ -98,11 +98,12 @@ def train_and_evaluate(cfg: RunConfig, run: Run, built: Built) -> dict:
     return metrics
 
 
-def save_and_finish(run: Run, built: Built, folder: str = "final") -> dict:
+def save_and_finish(run: Run, built: Built, folder: str = "final", kind: str = "policy") -> dict:
     """Save the model the next phase loads under checkpoints/<folder>/, then write the summary."""
     from rlhf_exp.models import save_for_next_phase
 
-    final_dir = save_for_next_phase(built.trainer.model, built.tokenizer, run.checkpoint_dir / folder)
+    final_dir = save_for_next_phase(built.trainer.model, built.tokenizer, run.checkpoint_dir / folder, kind,
+                                    built.trainer.state.global_step, run.run_id)
     shutil.rmtree(run.checkpoint_dir / "trainer", ignore_errors=True)  # the best weights are in final_dir
     run.finish(built.metrics, final_dir)
     return built.metrics

@@ -20,6 +20,7 @@ def _prompts(cfg: RunConfig, tokenizer) -> tuple[list[str], object]:
 
 
 def run(cfg: RunConfig, run: Run) -> dict:
+    from accelerate import Accelerator
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, set_seed
 
     from rlhf_exp.data.synthetic import gold_reward
@@ -47,8 +48,10 @@ def run(cfg: RunConfig, run: Run) -> dict:
     kwargs = load_kwargs(cfg.model, cfg.hardware)
     reward_model = AutoModelForSequenceClassification.from_pretrained(rm["checkpoint"], **kwargs)
     critic = AutoModelForTokenClassification.from_pretrained(rm["checkpoint"], num_labels=1, **kwargs)
+    accelerator = Accelerator(cpu=cfg.hardware.accelerator == "cpu",
+                              mixed_precision={"fp32": "no"}.get(str(cfg.hardware.precision), str(cfg.hardware.precision)))
     trainer = PPOTrainer(cfg.phase, policy, critic, reward_model, tokenizer, prompts,
-                         load_reward_stats(rm["path"]), cfg.seed, reference=reference,
+                         load_reward_stats(rm["path"]), cfg.seed, accelerator, reference=reference,
                          gold_fn=gold_reward if data.eval_prompts else None)
     steps = cfg.phase.max_steps if cfg.phase.max_steps > 0 else max(
         1, int(cfg.phase.num_epochs * len(prompts) / cfg.phase.rollout_batch_size))
@@ -57,10 +60,12 @@ def run(cfg: RunConfig, run: Run) -> dict:
     metrics["train_runtime_s"] = round(time.monotonic() - start, 2)
 
     metrics.update(steps=steps, kl=last["ppo/kl"], reward=last["ppo/reward"], kl_coef_final=trainer.kl_ctl.value)
-    score = gold(cfg, trainer.policy, tokenizer, data, run, "final")
+    policy = accelerator.unwrap_model(trainer.policy)
+    score = gold(cfg, policy, tokenizer, data, run, "final")
     if score is not None:
         metrics["gold_score"] = score
         run.log({"eval/gold_score": score}, step=steps)
-    final_dir = save_for_next_phase(trainer.policy, tokenizer, run.checkpoint_dir / "final")
+    final_dir = save_for_next_phase(policy, tokenizer, run.checkpoint_dir / "final", "policy", steps,
+                                    run.run_id)
     run.finish(metrics, final_dir)
     return metrics

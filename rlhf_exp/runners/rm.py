@@ -74,4 +74,4 @@ def run(cfg: RunConfig, run: Run) -> dict:
             if agree:
                 metrics["gold_accuracy"] = sum(agree) / len(agree)
                 run.log({"eval/gold_accuracy": metrics["gold_accuracy"]}, step=built.trainer.state.global_step)
-    return save_and_finish(run, built, folder="reward_model")
+    return save_and_finish(run, built, folder="reward_model", kind="reward_model")

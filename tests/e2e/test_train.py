@@ -167,6 +167,9 @@ def test_reward_model_learns_annotator_and_gold_preferences(sft_run, rm_run):
     stats = read_json(rm / "reward_stats.json")
     assert stats["std"] > 0 and stats["n"] == 2 * 500 and stats["mean"] == pytest.approx(m["reward_mean"])
     assert summary["checkpoint"].endswith("checkpoints/reward_model")
+    label = read_json(rm / "checkpoints" / "reward_model" / "checkpoint.json")
+    assert label["kind"] == "reward_model" and label["run_id"] == rm.name and label["step"] == m["steps"]
+    assert read_json(sft_run / "checkpoints" / "final" / "checkpoint.json")["kind"] == "policy"
     from transformers import AutoModelForSequenceClassification
 
     reward = AutoModelForSequenceClassification.from_pretrained(summary["checkpoint"]).state_dict()
@@ -224,3 +227,11 @@ def test_ppo_with_lora_uses_disabled_adapters_as_reference(sft_run, rm_run, tmp_
     assert proc.returncode == 0, proc.stderr[-3000:]
     first = [r for r in read_metrics(only_run(tmp_path, "ppo")) if "ppo/kl" in r][0]
     assert first["ppo/kl"] == pytest.approx(0.0, abs=1e-5), "before any update the policy equals its reference"
+
+
+def test_ppo_target_kl_stops_a_steps_epochs_early(sft_run, rm_run, tmp_path):
+    proc = run_cli(["phase=ppo", f"phase.sft_run={sft_run}", f"phase.reward_run={rm_run}", "phase.target_kl=1e-9",
+                    "phase.max_steps=2", f"output_root={tmp_path}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = [r for r in read_metrics(only_run(tmp_path, "ppo")) if "ppo/early_stopped_epochs" in r]
+    assert [r["ppo/early_stopped_epochs"] for r in steps] == [1.0, 1.0]
