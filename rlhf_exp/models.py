@@ -141,6 +141,13 @@ def load_reward_model(model_cfg: ModelConfig, hardware: HardwareConfig, tokenize
     return model
 
 
+def load_value_model(model_cfg: ModelConfig, hardware: HardwareConfig, checkpoint: str):
+    """PPO's critic: one value per token, initialised from a reward model (its body already reads answers)."""
+    from transformers import AutoModelForTokenClassification
+
+    return AutoModelForTokenClassification.from_pretrained(checkpoint, num_labels=1, **load_kwargs(model_cfg, hardware))
+
+
 def lora_config(model_cfg: ModelConfig, hardware: HardwareConfig, task_type: str = "CAUSAL_LM"):
     """peft LoraConfig when ``hardware.lora`` is on, else None (full fine-tuning)."""
     if not hardware.lora:

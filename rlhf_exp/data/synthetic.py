@@ -89,11 +89,9 @@ def corrupt(answer: list[int], rng: random.Random) -> list[int]:
 class SortTask:
     """Generates every split of the embedded task from ``seed``; splits use independent streams."""
 
-    def __init__(self, num_digits: int = 5, seed: int = 0, **settings):
+    def __init__(self, num_digits: int = 5, seed: int = 0):
         self.num_digits = num_digits
         self.seed = seed
-        self.settings = settings
-        self._eval_prompts = None
 
     # -- prompts ---------------------------------------------------------------------------
     def _rng(self, stream: str) -> random.Random:

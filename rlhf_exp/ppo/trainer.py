@@ -32,6 +32,7 @@ class Rollout:
     ref_logprobs: torch.Tensor
     values: torch.Tensor
     scores: torch.Tensor  # raw reward-model scores, [B]
+    prompts: list[str]
     texts: list[str]
 
 
@@ -121,8 +122,7 @@ class PPOTrainer:
         scored = torch.where(attn.bool(), out, torch.full_like(out, tok.pad_token_id))
         scores = self.reward_model(input_ids=scored, attention_mask=attn).logits[:, 0].float()
         texts = tok.batch_decode(response * mask.long() + tok.pad_token_id * (1 - mask.long()), skip_special_tokens=True)
-        rollout = Rollout(out, attn, prompt_len, mask, logprobs, ref_logprobs, values, scores, texts)
-        self._prompts_of_last_rollout = prompts
+        rollout = Rollout(out, attn, prompt_len, mask, logprobs, ref_logprobs, values, scores, prompts, texts)
         return rollout, core.masked_mean(entropy, mask)
 
     def shaped_scores(self, r: Rollout) -> torch.Tensor:
@@ -194,7 +194,7 @@ class PPOTrainer:
             "ppo/early_stopped_epochs": float(stop),
         })
         if self.gold_fn is not None:
-            golds = [self.gold_fn(p, t) for p, t in zip(self._prompts_of_last_rollout, r.texts)]
+            golds = [self.gold_fn(p, t) for p, t in zip(r.prompts, r.texts)]
             metrics["ppo/gold_reward"] = sum(golds) / len(golds)
         return metrics
 

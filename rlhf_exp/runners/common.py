@@ -32,6 +32,19 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
+def start(cfg: RunConfig, run: Run):
+    """What every runner does first: quiet the libraries, seed, and load the tokenizer (the SFT
+    parent's when there is one). Returns (sft parent or None, tokenizer)."""
+    from transformers import set_seed
+
+    from rlhf_exp.models import load_tokenizer
+
+    quiet_libraries()
+    set_seed(cfg.seed)
+    sft = run.parent("sft")
+    return sft, load_tokenizer(cfg.model, checkpoint=sft["checkpoint"] if sft else None)
+
+
 def callbacks(cfg: RunConfig, run: Run, data: PhaseData) -> tuple[RunLogCallback, list]:
     from transformers import EarlyStoppingCallback
 

@@ -11,19 +11,15 @@ from rlhf_exp.tracking.run import Run
 
 
 def build(cfg: RunConfig, run: Run):
-    from transformers import set_seed
     from trl import DPOTrainer
 
     from rlhf_exp.data.loading import preference_data
     from rlhf_exp.launch.trl_args import dpo_config
-    from rlhf_exp.models import load_causal_lm, load_tokenizer, lora_config
-    from rlhf_exp.runners.common import Built, callbacks, quiet_libraries, record_initial_gold
+    from rlhf_exp.models import load_causal_lm, lora_config
+    from rlhf_exp.runners.common import Built, callbacks, record_initial_gold, start
 
-    quiet_libraries()
-    set_seed(cfg.seed)
-    sft = next(p for p in run.parents if p["phase"] == "sft")
+    sft, tokenizer = start(cfg, run)
     data = preference_data(cfg.data)
-    tokenizer = load_tokenizer(cfg.model, checkpoint=sft["checkpoint"])
     model = load_causal_lm(cfg.model, cfg.hardware, tokenizer, checkpoint=sft["checkpoint"])
     metrics: dict = {"sft_run": sft["run_id"]}
     record_initial_gold(cfg, model, tokenizer, data, run, metrics)

@@ -21,18 +21,14 @@ def _prompts(cfg: RunConfig, tokenizer) -> tuple[list[str], object]:
 
 def run(cfg: RunConfig, run: Run) -> dict:
     from accelerate import Accelerator
-    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, set_seed
 
     from rlhf_exp.data.synthetic import gold_reward
-    from rlhf_exp.models import load_causal_lm, load_kwargs, load_tokenizer, lora_config, save_for_next_phase
+    from rlhf_exp.models import load_causal_lm, load_reward_model, load_value_model, lora_config, save_for_next_phase
     from rlhf_exp.ppo.trainer import PPOTrainer, frozen_copy, load_reward_stats
-    from rlhf_exp.runners.common import gold, quiet_libraries, record_initial_gold
+    from rlhf_exp.runners.common import gold, record_initial_gold, start
 
-    quiet_libraries()
-    set_seed(cfg.seed)
-    sft = next(p for p in run.parents if p["phase"] == "sft")
-    rm = next(p for p in run.parents if p["phase"] == "rm")
-    tokenizer = load_tokenizer(cfg.model, checkpoint=sft["checkpoint"])
+    sft, tokenizer = start(cfg, run)
+    rm = run.parent("rm")
     prompts, data = _prompts(cfg, tokenizer)
     policy = load_causal_lm(cfg.model, cfg.hardware, tokenizer, checkpoint=sft["checkpoint"])
     metrics: dict = {"sft_run": sft["run_id"], "reward_run": rm["run_id"]}
@@ -45,9 +41,8 @@ def run(cfg: RunConfig, run: Run) -> dict:
         policy, reference = get_peft_model(policy, peft), None  # reference = adapters disabled
     else:
         reference = frozen_copy(policy)
-    kwargs = load_kwargs(cfg.model, cfg.hardware)
-    reward_model = AutoModelForSequenceClassification.from_pretrained(rm["checkpoint"], **kwargs)
-    critic = AutoModelForTokenClassification.from_pretrained(rm["checkpoint"], num_labels=1, **kwargs)
+    reward_model = load_reward_model(cfg.model, cfg.hardware, tokenizer, rm["checkpoint"])
+    critic = load_value_model(cfg.model, cfg.hardware, rm["checkpoint"])
     accelerator = Accelerator(cpu=cfg.hardware.accelerator == "cpu",
                               mixed_precision={"fp32": "no"}.get(str(cfg.hardware.precision), str(cfg.hardware.precision)))
     trainer = PPOTrainer(cfg.phase, policy, critic, reward_model, tokenizer, prompts,

@@ -18,19 +18,15 @@ LOW_ACCURACY = 0.60
 
 
 def build(cfg: RunConfig, run: Run):
-    from transformers import set_seed
     from trl import RewardTrainer
 
     from rlhf_exp.data.loading import preference_data
     from rlhf_exp.launch.trl_args import reward_config
-    from rlhf_exp.models import load_reward_model, load_tokenizer, lora_config
-    from rlhf_exp.runners.common import Built, callbacks, quiet_libraries
+    from rlhf_exp.models import load_reward_model, lora_config
+    from rlhf_exp.runners.common import Built, callbacks, start
 
-    quiet_libraries()
-    set_seed(cfg.seed)
-    sft = next(p for p in run.parents if p["phase"] == "sft")
+    sft, tokenizer = start(cfg, run)
     data = preference_data(cfg.data)
-    tokenizer = load_tokenizer(cfg.model, checkpoint=sft["checkpoint"])
     model = load_reward_model(cfg.model, cfg.hardware, tokenizer, sft["checkpoint"])
     if cfg.phase.freeze_embeddings:
         model.get_input_embeddings().requires_grad_(False)

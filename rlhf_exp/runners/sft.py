@@ -8,18 +8,15 @@ from rlhf_exp.tracking.run import Run
 
 def build(cfg: RunConfig, run: Run):
     """The trainer, ready to train, and what finishing needs (also used by tests to inspect it)."""
-    from transformers import set_seed
     from trl import SFTTrainer
 
     from rlhf_exp.data.loading import sft_data
     from rlhf_exp.launch.trl_args import sft_config
-    from rlhf_exp.models import load_causal_lm, load_tokenizer, lora_config
-    from rlhf_exp.runners.common import Built, callbacks, quiet_libraries, record_initial_gold
+    from rlhf_exp.models import load_causal_lm, lora_config
+    from rlhf_exp.runners.common import Built, callbacks, record_initial_gold, start
 
-    quiet_libraries()
-    set_seed(cfg.seed)
+    _, tokenizer = start(cfg, run)
     data = sft_data(cfg.data)
-    tokenizer = load_tokenizer(cfg.model)
     model = load_causal_lm(cfg.model, cfg.hardware, tokenizer)
     metrics: dict = {}
     record_initial_gold(cfg, model, tokenizer, data, run, metrics)

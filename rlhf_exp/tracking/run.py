@@ -27,7 +27,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf_exp.tracking.lineage import lineage_keys
+from rlhf_exp.tracking.lineage import PARENTS, lineage_keys
 
 VOLATILE_KEYS = ("output_root", "dry_run", "tag")
 
@@ -144,6 +144,10 @@ class Run:
             for sink in self._sinks:
                 sink.close(failed=exc_type is not None)
 
+    def parent(self, phase: str) -> dict | None:
+        """The resolved parent run of ``phase`` (run_id, path, checkpoint), or None."""
+        return next((p for p in self.parents if p["phase"] == phase), None)
+
     # -- recording --------------------------------------------------------------------------
     def log(self, metrics: dict[str, float], step: int) -> None:
         if not self.main or not metrics:
@@ -172,8 +176,6 @@ class Run:
 def run_id_of(run_dir: Path) -> str:
     """A run's id is its folder's name; in a pipeline the folder is named after the phase (sft/, rm/),
     so the pipeline's folder name is prefixed to keep ids unique."""
-    from rlhf_exp.tracking.lineage import PARENTS
-
     return f"{run_dir.parent.name}_{run_dir.name}" if run_dir.name in PARENTS else run_dir.name
 
 
