@@ -12,6 +12,7 @@ the valid ones and the fix, in one or two lines, and exit with status 2.
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import sys
 from pathlib import Path
@@ -103,10 +104,10 @@ def preflight(overrides: list[str], multirun: bool, check_rules: bool) -> list[D
 
 
 def plan(cfgs: list[DictConfig]) -> list[str]:
-    """Light checks a run needs before Hydra makes its folder: the phase has a runner, the hardware
-    fits one process, the parent runs exist. A parent taken by default is resolved here, once, and
+    """Light checks a run needs before Hydra makes its folder: the phase has a runner, something can
+    start the processes the hardware asks for, the parent runs exist. A parent taken by default is resolved here, once, and
     pinned into the command (so jobs of one sweep share it); returns those pinning overrides."""
-    from rlhf_exp.launch.distributed import check_accelerator, check_multiprocess_launch
+    from rlhf_exp.launch.distributed import check_accelerator, check_multiprocess_launch, check_slurm_available
     from rlhf_exp.runners import get_runner
     from rlhf_exp.tracking.lineage import PARENTS, resolve_parents
 
@@ -115,6 +116,7 @@ def plan(cfgs: list[DictConfig]) -> list[str]:
         get_runner(cfg.phase.name)
         check_multiprocess_launch(cfg)
         check_accelerator(cfg)
+        check_slurm_available(cfg)
         defaults = [key for _, key in PARENTS[cfg.phase.name] if not cfg.phase.get(key)]
         for parent, (_, key) in zip(resolve_parents(cfg, announce=i == 0), PARENTS[cfg.phase.name]):
             if key in defaults:
@@ -130,12 +132,20 @@ def _hydra_flags(argv: list[str]):
     return get_args_parser().parse_args(argv)
 
 
+class JobFailed(RuntimeError):
+    """A sweep job's failure: Hydra records it and the other jobs go on (a single run exits instead)."""
+
+
 def run_job(cfg: DictConfig):
     """The Hydra task: runs inside the run folder Hydra created; returns the objective for sweepers."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
-    from rlhf_exp.tracking.lineage import resolve_parents
+    from rlhf_exp.launch import distributed
 
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
         validate(cfg)
         if cfg.dry_run:  # under -m; a single dry run never reaches Hydra
@@ -143,31 +153,41 @@ def run_job(cfg: DictConfig):
 
             print_plan(cfg)
             return None
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
-        if (run_dir / "manifest.json").exists():
+        distributed.from_submitit()  # one of several SLURM tasks: torch.distributed variables from SLURM's
+        if distributed.rank() == 0 and (run_dir / "manifest.json").exists():
             raise ConfigError(f"{run_dir} already holds a run; a run never writes into another run's folder "
                               "(leave hydra.run.dir at its default)")
-        parents = resolve_parents(cfg, announce=False)
-        from rlhf_exp.runners import get_runner
-
-        runner = get_runner(cfg.phase.name)
-    except ConfigError as exc:
-        fail(str(exc))
-
-    from rlhf_exp.tracking.run import Run
-
-    typed = OmegaConf.to_object(cfg)
-    try:
-        with Run(run_dir, cfg, parents) as run:
-            result = runner(typed, run)
-    except ConfigError as exc:  # bad data or an unreachable hub: the manifest already says "failed"
+        if distributed.needs_spawn(cfg):
+            distributed.spawn_workers(cfg, run_dir)
+            result = json.loads((run_dir / "summary.json").read_text())["metrics"]
+        else:
+            result = execute(cfg, run_dir)
+    except (ConfigError, distributed.WorkersFailed) as exc:
+        if multirun:  # recorded by Hydra (and in sweep_summary.json); the sweep's other jobs still run
+            raise JobFailed(f"{run_dir.name}: {exc}") from exc
         fail(str(exc))
     except KeyboardInterrupt:
         print(f"\nrlhf_exp: interrupted; {run_dir} is marked failed (manifest.json)", file=sys.stderr)
         sys.exit(130)
+    if distributed.rank() != 0:
+        return None
     print_result(cfg.phase.name, run_dir, result)
     # the sweep objective: gold score on the embedded task (higher is better), else eval loss (lower)
     return result.get("gold_score", result.get("eval_loss"))
+
+
+def execute(cfg: DictConfig, run_dir: Path) -> dict:
+    """Run the phase in this process (one of the workers when there are several): parents, runner,
+    the run folder's files. Returns the runner's metrics."""
+    from rlhf_exp.runners import get_runner
+    from rlhf_exp.tracking.lineage import resolve_parents
+    from rlhf_exp.tracking.run import Run
+
+    parents = resolve_parents(cfg, announce=False)
+    runner = get_runner(cfg.phase.name)
+    typed = OmegaConf.to_object(cfg)
+    with Run(run_dir, cfg, parents) as run:
+        return runner(typed, run)
 
 
 def _pipeline(cfgs: list[DictConfig], flags) -> None:
@@ -175,6 +195,9 @@ def _pipeline(cfgs: list[DictConfig], flags) -> None:
 
     if flags.multirun:
         raise ConfigError("pipeline=... runs its phases itself; sweeping whole pipelines with -m is not supported yet")
+    if cfgs[0].launcher.name != "local":
+        raise ConfigError(f"pipeline=... runs its phases on this machine; launcher={cfgs[0].launcher.name} is not "
+                          "supported for pipelines yet: submit the phases one by one (python -m rlhf_exp phase=...)")
     cfg = cfgs[0]
     if cfg.dry_run:
         pipeline.check(cfg, flags.overrides)
@@ -260,6 +283,11 @@ def main(argv: list[str] | None = None) -> None:
                 return
             if flags.cfg is None and not any(cfg.dry_run for cfg in cfgs):
                 argv += plan(cfgs)
+            if flags.cfg is None and not flags.multirun and cfgs[0].launcher.name != "local":
+                # Hydra hands jobs to a launcher only under --multirun: a single job is a one-job sweep
+                print(f"rlhf_exp: launcher={cfgs[0].launcher.name} submits through Hydra's multirun: this run is a "
+                      "one-job sweep under outputs/sweeps/", file=sys.stderr)
+                argv.append("--multirun")
         except ConfigError as exc:
             fail(str(exc))
 

@@ -173,6 +173,10 @@ def save_for_next_phase(model, tokenizer, path: Path, kind: str, step: int, run_
     import datetime as dt
     import json
 
+    from rlhf_exp.tracking.run import is_main_process
+
+    if not is_main_process():  # rank 0 holds the same weights and writes them
+        return path
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     path.mkdir(parents=True, exist_ok=True)

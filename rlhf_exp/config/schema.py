@@ -118,6 +118,15 @@ class LoggerName(StrEnum):
     wandb = "wandb"
 
 
+class LauncherName(StrEnum):
+    # jobs run here, one after another (Hydra's basic launcher)
+    local = "local"
+    # submitit's local executor: the SLURM code path without a cluster (tests, debugging)
+    submitit_local = "submitit_local"
+    # one SLURM job per sweep point through hydra-submitit-launcher
+    slurm = "slurm"
+
+
 class WandbMode(StrEnum):
     # online when an API key is available, otherwise offline
     auto = "auto"
@@ -359,6 +368,39 @@ class LoggerConfig:
     group: Optional[str] = None
 
 
+# ------------------------------------------------------------------------ launcher
+
+
+@dataclass
+class LauncherConfig:
+    """Where jobs run. Nodes, GPUs and tasks per node come from ``hardware`` (one task per GPU);
+    conf/launcher/*.yaml maps these fields onto hydra-submitit-launcher (``--cfg hydra`` shows it).
+    Site defaults (partition, account, setup) go in the git-ignored conf/site/local.yaml."""
+
+    name: LauncherName = MISSING
+    # SLURM partition, account and QOS (sbatch -p / -A / -q)
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    # job time limit in minutes (sbatch -t)
+    time_min: int = 60
+    cpus_per_task: Optional[int] = None
+    # memory per node in GB (sbatch --mem)
+    mem_gb: Optional[int] = None
+    # node features (sbatch -C), e.g. "a100&80gb"
+    constraint: Optional[str] = None
+    # any other sbatch flag without its dashes, e.g. {"mail-type": "END", "exclusive": true}
+    additional_parameters: dict[str, Any] = field(default_factory=dict)
+    # most sweep jobs running at once (the job array's %N)
+    array_parallelism: int = 256
+    # shell lines run in the sbatch script before the job starts (module load, conda activate)
+    setup: list[str] = field(default_factory=list)
+    # seconds before the time limit at which SLURM sends USR2 so the job can checkpoint
+    signal_delay_s: int = 120
+    # how often a job that hits its time limit or is preempted is requeued
+    max_num_timeout: int = 0
+
+
 # ------------------------------------------------------------------------ pipeline
 
 
@@ -384,6 +426,7 @@ class RunConfig:
     phase: PhaseConfig = MISSING
     hardware: HardwareConfig = MISSING
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
     # pipeline=rlhf runs several phases in one command (null: a single phase)
     pipeline: Optional[PipelineConfig] = None
     # seed of model init, data order and sampling for this run
@@ -408,6 +451,7 @@ GROUP_SCHEMAS: dict[str, type] = {
     "data": DataConfig,
     "hardware": HardwareConfig,
     "logger": LoggerConfig,
+    "launcher": LauncherConfig,
     "pipeline": PipelineConfig,
 }
 

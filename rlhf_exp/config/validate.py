@@ -85,6 +85,10 @@ def validate(cfg: DictConfig) -> None:
               f"phase.ppo_epochs must be >= 1 and phase.num_mini_batches in [1, phase.rollout_batch_size="
               f"{phase.rollout_batch_size}]")
         check(phase.target_kl is None or phase.target_kl > 0, "phase.target_kl must be > 0, or null (never stop early)")
+        world = cfg.hardware.num_processes * cfg.hardware.num_nodes
+        check(world == 1 or phase.rollout_batch_size % (phase.num_mini_batches * world) == 0,
+              f"phase.rollout_batch_size={phase.rollout_batch_size} must split evenly into phase.num_mini_batches="
+              f"{phase.num_mini_batches} mini-batches x {world} processes (hardware={cfg.hardware.name})")
 
     # model
     if model.source == "hub":

@@ -1,33 +1,137 @@
-"""Multi-process launch checks.
+"""Processes: how a run becomes one process per device, on one machine or under SLURM.
 
-The entrypoint does not start worker processes yet (issue #4: after Hydra composes once, it will
-start them through accelerate/torchrun, or one SLURM task per GPU). Until then a multi-process preset
-stops with a clear message instead of silently running as one process, or, under an external
-torchrun, making one run folder per rank.
+Three ways a run gets its workers, all ending in the same ``torch.distributed`` environment variables
+(RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) that accelerate and the TRL trainers read:
+
+- Under SLURM (``launcher=slurm``): SLURM starts ``tasks_per_node = hardware.num_processes`` tasks per
+  node, each running the Hydra job; :func:`from_submitit` exports the variables from submitit's job
+  environment (master = the first node of the allocation, port from the job id). Multi-node is the same.
+- On one machine (``hardware.num_processes > 1``, no SLURM): Hydra composes once and makes one run
+  folder; :func:`spawn_workers` starts ``torchrun --standalone`` with one worker per device, each of
+  which loads the run's pickled config (``rlhf_exp.launch.worker``). Hydra never initialises in a worker.
+- Already inside torchrun/accelerate launch (RANK set): nothing to do.
+
+Only rank 0 writes the run folder (``rlhf_exp.tracking.run.is_main_process``).
 """
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+import copy
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
 
 from rlhf_exp.config.errors import ConfigError
 
+LAUNCH_DIR = ".launch"  # inside the run folder: the workers' config
+
+
+class WorkersFailed(RuntimeError):
+    """A worker process of a multi-process run failed (its own traceback was printed above)."""
+
+
+def world_size(cfg: DictConfig) -> int:
+    return int(cfg.hardware.num_processes) * int(cfg.hardware.num_nodes)
+
 
 def check_multiprocess_launch(cfg: DictConfig) -> None:
-    wanted = cfg.hardware.num_processes * cfg.hardware.num_nodes
-    if wanted > 1:
-        raise ConfigError(
-            f"hardware={cfg.hardware.name} asks for {wanted} processes; starting workers is not supported yet "
-            "(issue #4). Run on one device: hardware=cpu, or hardware=a100x1 on one GPU."
-        )
+    """What can start the workers a preset asks for: several nodes need SLURM."""
+    if cfg.hardware.num_nodes > 1 and cfg.launcher.name != "slurm":
+        raise ConfigError(f"hardware={cfg.hardware.name} spans {cfg.hardware.num_nodes} nodes; only SLURM starts "
+                          "processes on several machines: add launcher=slurm")
 
 
 def check_accelerator(cfg: DictConfig) -> None:
-    """A GPU preset on a machine without a visible GPU fails here, not deep inside a trainer."""
-    if cfg.hardware.accelerator != "cuda":
+    """A GPU preset on a machine without a visible GPU fails here, not deep inside a trainer. Jobs that
+    SLURM runs elsewhere are checked there (this machine may be a login node without GPUs)."""
+    if cfg.hardware.accelerator != "cuda" or cfg.launcher.name == "slurm":
         return
     import torch  # GPU presets load torch right after this anyway
 
     if not torch.cuda.is_available():
         raise ConfigError(f"hardware={cfg.hardware.name} needs CUDA GPUs and none is visible here "
                           "(torch.cuda.is_available() is False): use hardware=cpu")
+    if torch.cuda.device_count() < cfg.hardware.num_processes:
+        raise ConfigError(f"hardware={cfg.hardware.name} starts {cfg.hardware.num_processes} processes, one per GPU, "
+                          f"and this machine has {torch.cuda.device_count()} GPUs")
+
+
+def check_slurm_available(cfg: DictConfig) -> None:
+    if cfg.launcher.name == "slurm" and shutil.which("sbatch") is None:
+        raise ConfigError("launcher=slurm submits with sbatch, which is not on PATH here: run from a SLURM login "
+                          "node, or use launcher=local")
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def from_submitit() -> bool:
+    """Inside a SLURM/submitit job with several tasks: export the torch.distributed variables for this
+    task (once). Returns True when this process is one of several tasks."""
+    try:
+        import submitit
+
+        env = submitit.JobEnvironment()
+        tasks = env.num_tasks
+    except (ImportError, RuntimeError):
+        return False  # not a submitit job
+    if tasks <= 1:
+        return False
+    if "RANK" not in os.environ:
+        from submitit.helpers import TorchDistributedEnvironment
+
+        # keep every GPU visible: accelerate selects cuda:LOCAL_RANK itself; hiding all but one GPU
+        # per task (submitit's default) makes LOCAL_RANK > 0 point at a device that does not exist
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    return True
+
+
+def needs_spawn(cfg: DictConfig) -> bool:
+    """This process must start the workers: the preset wants several and none is running yet."""
+    return world_size(cfg) > 1 and "RANK" not in os.environ and "WORLD_SIZE" not in os.environ
+
+
+def spawn_workers(cfg: DictConfig, run_dir: Path) -> None:
+    """Start ``hardware.num_processes`` workers on this machine with torchrun and wait for them.
+    Raises RuntimeError naming the failed rank's exit when any worker fails."""
+    from rlhf_exp.tracking.run import command_line
+
+    launch = run_dir / LAUNCH_DIR
+    launch.mkdir(parents=True, exist_ok=True)
+    resolved = copy.deepcopy(cfg)
+    OmegaConf.resolve(resolved)  # interpolations fixed here, once, for every worker
+    with open(launch / "config.pkl", "wb") as f:
+        pickle.dump(resolved, f)
+    n = int(cfg.hardware.num_processes)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+           "--max-restarts=0", "-m", "rlhf_exp.launch.worker", str(run_dir)]
+    env = {**os.environ, "RLHF_EXP_COMMAND": command_line(),
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))}
+    print(f"rlhf_exp: starting {n} worker processes (torchrun, {cfg.hardware.accelerator}"
+          f"{', gloo' if cfg.hardware.accelerator == 'cpu' else ''}) for {run_dir}", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, env=env)
+    if proc.returncode != 0:
+        _mark_failed(run_dir, f"a worker process failed (torchrun exit {proc.returncode}); its traceback is above")
+        raise WorkersFailed(f"{n}-process run failed (torchrun exit {proc.returncode}); "
+                           f"see the worker output above and {run_dir / 'manifest.json'}")
+
+
+def _mark_failed(run_dir: Path, error: str) -> None:
+    """A worker killed from outside (another rank crashed, OOM) cannot update its own manifest."""
+    import json
+
+    from rlhf_exp.tracking.run import now_iso, write_json_atomic
+
+    path = run_dir / "manifest.json"
+    if not path.is_file():
+        return
+    manifest = json.loads(path.read_text())
+    if manifest.get("status") == "running":
+        manifest.update(status="failed", error=error, end_time=now_iso())
+        write_json_atomic(path, manifest)

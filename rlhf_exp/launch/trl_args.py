@@ -58,6 +58,8 @@ def training_kwargs(cfg: RunConfig, run_dir: Path, has_eval: bool, best_metric: 
         "fp16": precision == "fp16",
         _checkpointing_key(): hw.gradient_checkpointing,
         "use_cpu": hw.accelerator == "cpu",
+        # every parameter gets a gradient in each step: skip DDP's search for unused ones
+        "ddp_find_unused_parameters": False if hw.num_processes * hw.num_nodes > 1 else None,
         "seed": cfg.seed,
         "data_seed": cfg.seed,
         "dataloader_num_workers": hw.num_workers,

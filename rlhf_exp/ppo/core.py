@@ -14,8 +14,10 @@ from dataclasses import dataclass
 import torch
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, total: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Mean of ``x`` over the mask's tokens; ``total`` replaces the token count as the denominator (a
+    worker's share of a mini-batch split over processes divides by the whole mini-batch's count)."""
+    return (x * mask).sum() / (mask.sum().clamp(min=1) if total is None else total)
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
@@ -85,23 +87,36 @@ class PolicyLossStats:
 
 
 def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                        mask: torch.Tensor, cliprange: float) -> PolicyLossStats:
-    """PPO's clipped surrogate: mean over tokens of max(-A r, -A clip(r, 1-e, 1+e)), r = pi/pi_old."""
+                        mask: torch.Tensor, cliprange: float, total=None) -> PolicyLossStats:
+    """PPO's clipped surrogate: mean over tokens of max(-A r, -A clip(r, 1-e, 1+e)), r = pi/pi_old.
+    ``total``: the denominator of every mean, see :func:`masked_mean`."""
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    clipfrac = masked_mean((clipped > unclipped).float(), mask)
-    approx_kl = masked_mean(0.5 * log_ratio**2, mask)  # the update's KL, for target_kl early stop
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask, total)
+    clipfrac = masked_mean((clipped > unclipped).float(), mask, total)
+    approx_kl = masked_mean(0.5 * log_ratio**2, mask, total)  # the update's KL, for target_kl early stop
     return PolicyLossStats(loss, clipfrac, approx_kl)
 
 
 def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-                       mask: torch.Tensor, cliprange_value: float) -> torch.Tensor:
+                       mask: torch.Tensor, cliprange_value: float, total=None) -> torch.Tensor:
     """0.5 * mean of max((v - R)^2, (clip(v, v_old +- e) - R)^2)."""
     clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
-    return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
+    return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask, total)
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filtering: -inf for every token outside the smallest set whose probability reaches top_p."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+    drop_sorted = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p  # mass before this token already enough
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
 
 
 class FixedKLController:

@@ -62,6 +62,24 @@ def unwrapped_for_generation(accelerator, model):
         yield unwrapped
 
 
+class SeededSampler:
+    """A logits processor that turns greedy decoding into sampling (temperature, top-p, then the
+    Gumbel-max trick) with noise drawn for the whole rollout batch from a generator seeded per PPO step.
+    Each process adds the noise rows of its own prompts, so a prompt's answer is the same whichever
+    process generated it and however many there are: a 2-process run samples exactly what 1 process
+    samples, and a run's rollouts are reproducible from its seed."""
+
+    def __init__(self, temperature: float, top_p: float, seed: int, rows: slice, total_rows: int, device):
+        self.temperature, self.top_p, self.rows, self.total_rows = temperature, top_p, rows, total_rows
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        logits = core.top_p_filter(scores.float() / self.temperature, self.top_p)
+        noise = torch.empty((self.total_rows, logits.shape[-1]), device=self.generator.device)
+        gumbel = -torch.log(noise.exponential_(generator=self.generator))[self.rows]
+        return logits + gumbel.to(logits.device)
+
+
 def token_values(critic, input_ids, attention_mask, prompt_len: int):
     return critic(input_ids=input_ids, attention_mask=attention_mask).logits[:, prompt_len - 1:-1, 0].float()
 
@@ -76,8 +94,13 @@ class PPOTrainer:
         self.prompts = prompts
         self.reward_stats = reward_stats
         self.gold_fn = gold_fn
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)  # prompt picks and mini-batch order
+        self.steps_done = 0
+        self.world, self.rank = accelerator.num_processes, accelerator.process_index
         self.kl_ctl = core.kl_controller(str(phase.kl_ctrl), phase.kl_coef, phase.kl_target, phase.kl_horizon)
+        for model in (policy, critic):
+            disable_dropout(model)
         trainable = [p for p in policy.parameters() if p.requires_grad]
         policy_opt = torch.optim.AdamW(trainable, lr=phase.learning_rate, weight_decay=phase.weight_decay)
         critic_opt = torch.optim.AdamW(critic.parameters(), lr=phase.learning_rate, weight_decay=phase.weight_decay)
@@ -100,18 +123,32 @@ class PPOTrainer:
 
     @torch.no_grad()
     def rollout(self) -> tuple[Rollout, torch.Tensor]:
-        tok, phase = self.tokenizer, self.phase
-        pick = torch.randint(len(self.prompts), (phase.rollout_batch_size,), generator=self.generator).tolist()
+        """Sample answers for ``rollout_batch_size`` prompts; with several processes each generates and
+        scores its share, and the results are gathered so every process holds the whole batch, in the
+        order one process would have produced it."""
+        from transformers import LogitsProcessorList
+
+        tok, phase, acc = self.tokenizer, self.phase, self.accelerator
+        total = phase.rollout_batch_size
+        pick = torch.randint(len(self.prompts), (total,), generator=self.generator).tolist()
         prompts = [self.prompts[i] for i in pick]
+        share = total // self.world
+        rows = slice(self.rank * share, (self.rank + 1) * share)
         side, tok.padding_side = tok.padding_side, "left"
-        batch = tok(prompts, return_tensors="pt", padding=True).to(self.device)
+        batch = tok(prompts, return_tensors="pt", padding=True)  # every process pads to the batch's longest
         tok.padding_side = side
+        batch = {k: v[rows].to(self.device) for k, v in batch.items()}
+        sampler = SeededSampler(phase.temperature, phase.top_p, self.seed * 1_000_003 + self.steps_done, rows, total,
+                                self.device)
         self.policy.eval()
-        with unwrapped_for_generation(self.accelerator, self.policy) as model:
-            out = model.generate(**batch, do_sample=True, temperature=phase.temperature, top_p=phase.top_p,
+        with unwrapped_for_generation(acc, self.policy) as model:
+            out = model.generate(**batch, do_sample=False, logits_processor=LogitsProcessorList([sampler]),
                                  max_new_tokens=phase.max_new_tokens, pad_token_id=tok.pad_token_id,
-                                 eos_token_id=tok.eos_token_id)
+                                 eos_token_id=tok.eos_token_id, temperature=None, top_p=None, top_k=None)
         prompt_len = batch["input_ids"].shape[1]
+        if self.world > 1:  # processes stop generating at different lengths: pad to the longest
+            longest = int(acc.gather(torch.tensor([out.shape[1]], device=self.device)).max())
+            out = torch.nn.functional.pad(out, (0, longest - out.shape[1]), value=tok.pad_token_id)
         response = out[:, prompt_len:]
         mask = core.response_mask(response, tok.eos_token_id, tok.pad_token_id)
         attn = torch.cat([batch["attention_mask"], mask.long()], dim=1)
@@ -122,6 +159,13 @@ class PPOTrainer:
         scored = torch.where(attn.bool(), out, torch.full_like(out, tok.pad_token_id))
         scores = self.reward_model(input_ids=scored, attention_mask=attn).logits[:, 0].float()
         texts = tok.batch_decode(response * mask.long() + tok.pad_token_id * (1 - mask.long()), skip_special_tokens=True)
+        tensors = [out, attn, mask, logprobs, ref_logprobs, values, scores, entropy]
+        if self.world > 1:
+            from accelerate.utils import gather_object
+
+            tensors = [acc.gather(t) for t in tensors]
+            texts = gather_object(texts)
+        out, attn, mask, logprobs, ref_logprobs, values, scores, entropy = tensors
         rollout = Rollout(out, attn, prompt_len, mask, logprobs, ref_logprobs, values, scores, prompts, texts)
         return rollout, core.masked_mean(entropy, mask)
 
@@ -155,12 +199,17 @@ class PPOTrainer:
         stop = False
         for _ in range(phase.ppo_epochs):
             order = torch.randperm(batch, generator=self.generator)
-            for idx in order.chunk(phase.num_mini_batches):
+            for minibatch in order.chunk(phase.num_mini_batches):
+                # each process takes its share of the mini-batch; dividing by the whole mini-batch's token
+                # count (over the number of processes, which DDP's gradient averaging multiplies back)
+                # makes the update the one a single process computes on the whole mini-batch
+                tokens = r.mask[minibatch].sum().clamp(min=1) / self.world
+                idx = minibatch.chunk(self.world)[self.rank]
                 ids, attn, m = r.input_ids[idx], r.attention_mask[idx], r.mask[idx]
                 logprobs, _ = token_logprobs(self.policy, ids, attn, r.prompt_len, phase.temperature)
                 values = token_values(self.critic, ids, attn, r.prompt_len)
-                pl = core.clipped_policy_loss(logprobs, r.logprobs[idx], advantages[idx], m, phase.cliprange)
-                vl = core.clipped_value_loss(values, r.values[idx], returns[idx], m, phase.cliprange_value)
+                pl = core.clipped_policy_loss(logprobs, r.logprobs[idx], advantages[idx], m, phase.cliprange, tokens)
+                vl = core.clipped_value_loss(values, r.values[idx], returns[idx], m, phase.cliprange_value, tokens)
                 self.policy_opt.zero_grad()
                 self.critic_opt.zero_grad()
                 self.accelerator.backward(pl.loss + phase.vf_coef * vl)
@@ -168,16 +217,19 @@ class PPOTrainer:
                 self.accelerator.clip_grad_norm_(self.critic.parameters(), phase.max_grad_norm)
                 self.policy_opt.step()
                 self.critic_opt.step()
-                for key, value in (("policy_loss", pl.loss), ("value_loss", vl), ("clipfrac", pl.clipfrac),
-                                   ("approx_kl", pl.approx_kl)):
-                    stats[key].append(value.item())
+                # the mini-batch's means: each process holds a share of them
+                shares = torch.stack([pl.loss, vl, pl.clipfrac, pl.approx_kl]).detach()
+                means = (self.accelerator.reduce(shares, "mean") if self.world > 1 else shares).tolist()
+                for key, value in zip(("policy_loss", "value_loss", "clipfrac", "approx_kl"), means):
+                    stats[key].append(value)
                 # old TRL's rule: stop this step's epochs once the update drifted 1.5x past target_kl
-                if phase.target_kl is not None and pl.approx_kl.item() > 1.5 * phase.target_kl:
+                if phase.target_kl is not None and means[3] > 1.5 * phase.target_kl:
                     stop = True
                     break
             if stop:
                 break
 
+        self.steps_done += 1
         mean_kl = kl.sum(1).mean().item()  # mean over sequences of the summed per-token KL
         kl_coef = self.kl_ctl.value
         self.kl_ctl.update(mean_kl, n_steps=batch)
@@ -200,7 +252,7 @@ class PPOTrainer:
 
     def train(self, steps: int, log) -> dict[str, float]:
         last: dict[str, float] = {}
-        bar = tqdm(range(1, steps + 1), desc="ppo")
+        bar = tqdm(range(1, steps + 1), desc="ppo", disable=not self.accelerator.is_main_process)
         for step in bar:
             last = self.step()
             log(last, step)
@@ -213,6 +265,14 @@ class PPOTrainer:
 def load_reward_stats(rm_run: Path) -> dict | None:
     path = Path(rm_run) / "reward_stats.json"
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def disable_dropout(model) -> None:
+    """PPO's ratio compares the policy in training mode with its rollout (eval mode): dropout would make
+    it differ from 1 before any update. (Value heads such as LlamaForTokenClassification's add 0.1.)"""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
 
 
 def frozen_copy(model):

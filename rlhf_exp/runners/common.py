@@ -12,7 +12,7 @@ from typing import Any
 from rlhf_exp.config.schema import RunConfig
 from rlhf_exp.data.loading import PhaseData
 from rlhf_exp.tracking.hf_callback import RunLogCallback, rename, summary_key
-from rlhf_exp.tracking.run import Run
+from rlhf_exp.tracking.run import Run, is_main_process
 
 
 class _TiedHeadFilter(logging.Filter):
@@ -27,6 +27,11 @@ def quiet_libraries() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-save "Writing model shards" bars; the training bar stays
+    if not is_main_process():  # one set of progress bars and warnings per run, not one per worker
+        import datasets
+
+        datasets.disable_progress_bars()
+        hf_logging.set_verbosity_error()
     logging.getLogger("transformers.trainer").addFilter(_TiedHeadFilter())
     # raised by TRL's own call of a renamed transformers property, not by anything a user can change
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
@@ -57,8 +62,9 @@ def callbacks(cfg: RunConfig, run: Run, data: PhaseData) -> tuple[RunLogCallback
 
 
 def gold(cfg: RunConfig, model, tokenizer, data: PhaseData, run: Run, name: str) -> float | None:
-    """Mean gold reward of greedy answers on the held-out prompts (embedded task only)."""
-    if not data.eval_prompts:
+    """Mean gold reward of greedy answers on the held-out prompts (embedded task only; rank 0 only:
+    the other workers would repeat the same generations)."""
+    if not data.eval_prompts or not run.main:
         return None
     from rlhf_exp.evaluation import gold_score
 
@@ -117,7 +123,8 @@ def save_and_finish(run: Run, built: Built, folder: str = "final", kind: str = "
 
     final_dir = save_for_next_phase(built.trainer.model, built.tokenizer, run.checkpoint_dir / folder, kind,
                                     built.trainer.state.global_step, run.run_id)
-    shutil.rmtree(run.checkpoint_dir / "trainer", ignore_errors=True)  # the best weights are in final_dir
+    if run.main:
+        shutil.rmtree(run.checkpoint_dir / "trainer", ignore_errors=True)  # the best weights are in final_dir
     run.finish(built.metrics, final_dir)
     return built.metrics
 

@@ -112,8 +112,11 @@ class Run:
             "start_time": now_iso(),
             "end_time": None,
             "seed": int(self.cfg.seed),
-            "command": _command_line(),
+            "command": command_line(),
             "host": socket.gethostname(),
+            "launcher": str(self.cfg.launcher.name) if "launcher" in self.cfg else None,
+            "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+            "slurm": _slurm_job(),
             "python": platform.python_version(),
             "tag": self.cfg.get("tag"),
         }
@@ -179,10 +182,23 @@ def run_id_of(run_dir: Path) -> str:
     return f"{run_dir.parent.name}_{run_dir.name}" if run_dir.name in PARENTS else run_dir.name
 
 
-def _command_line() -> str:
+def command_line() -> str:
+    if os.environ.get("RLHF_EXP_COMMAND"):  # a worker process: the command the user typed
+        return os.environ["RLHF_EXP_COMMAND"]
     argv0 = sys.argv[0]
     head = "python -m rlhf_exp" if argv0.endswith(("rlhf_exp/__main__.py", "rlhf-exp")) else argv0
     return " ".join([head, *sys.argv[1:]])
+
+
+SLURM_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_NODELIST", "SLURM_NTASKS",
+              "SLURM_JOB_PARTITION", "SLURM_JOB_ACCOUNT")
+
+
+def _slurm_job() -> dict[str, str] | None:
+    """The SLURM job this run ran in (None outside SLURM); array jobs record the array's id and index."""
+    if "SLURM_JOB_ID" not in os.environ:
+        return None
+    return {k.removeprefix("SLURM_").lower(): os.environ[k] for k in SLURM_VARS if k in os.environ}
 
 
 def _versions() -> dict[str, str]:

@@ -1,0 +1,29 @@
+"""One worker of a multi-process run on one machine, started by torchrun (see ``distributed.spawn_workers``):
+``python -m rlhf_exp.launch.worker <run folder>``. It reads the config the launching process composed
+and resolved (never re-running Hydra), then runs the phase like a single-process job does."""
+
+from __future__ import annotations
+
+import pickle
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str]) -> int:
+    from rlhf_exp.cli import EXIT_CONFIG_ERROR, execute
+    from rlhf_exp.config.errors import ConfigError
+    from rlhf_exp.launch.distributed import LAUNCH_DIR, rank
+
+    run_dir = Path(argv[0])
+    with open(run_dir / LAUNCH_DIR / "config.pkl", "rb") as f:
+        cfg = pickle.load(f)
+    try:
+        execute(cfg, run_dir)
+    except ConfigError as exc:
+        print(f"rlhf_exp: error (rank {rank()}): {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
