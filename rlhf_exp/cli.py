@@ -132,10 +132,6 @@ def _hydra_flags(argv: list[str]):
     return get_args_parser().parse_args(argv)
 
 
-class JobFailed(RuntimeError):
-    """A sweep job's failure: Hydra records it and the other jobs go on (a single run exits instead)."""
-
-
 def run_job(cfg: DictConfig):
     """The Hydra task: runs inside the run folder Hydra created; returns the objective for sweepers."""
     from hydra.core.hydra_config import HydraConfig
@@ -162,18 +158,34 @@ def run_job(cfg: DictConfig):
             result = json.loads((run_dir / "summary.json").read_text())["metrics"]
         else:
             result = execute(cfg, run_dir)
-    except (ConfigError, distributed.WorkersFailed) as exc:
-        if multirun:  # recorded by Hydra (and in sweep_summary.json); the sweep's other jobs still run
-            raise JobFailed(f"{run_dir.name}: {exc}") from exc
-        fail(str(exc))
     except KeyboardInterrupt:
         print(f"\nrlhf_exp: interrupted; {run_dir} is marked failed (manifest.json)", file=sys.stderr)
         sys.exit(130)
+    except (ConfigError, distributed.WorkersFailed) as exc:
+        if not multirun:
+            fail(str(exc))
+        return _job_failed(run_dir, exc, traceback=False)
+    except Exception as exc:
+        if not multirun:
+            raise
+        return _job_failed(run_dir, exc, traceback=True)
     if distributed.rank() != 0:
         return None
     print_result(cfg.phase.name, run_dir, result)
     # the sweep objective: gold score on the embedded task (higher is better), else eval loss (lower)
     return result.get("gold_score", result.get("eval_loss"))
+
+
+def _job_failed(run_dir: Path, exc: BaseException, traceback: bool) -> float:
+    """A failed sweep job: say why in its log, and let the sweep's other jobs run. The job's manifest
+    says "failed" with the error; the sweep summary lists it and the command exits non-zero at the end.
+    NaN is the objective sweepers (Optuna) read as a failed trial."""
+    if traceback:
+        import traceback as tb
+
+        tb.print_exc()
+    print(f"rlhf_exp: error: sweep job {run_dir.name} failed: {exc}", file=sys.stderr, flush=True)
+    return float("nan")
 
 
 def execute(cfg: DictConfig, run_dir: Path) -> dict:
@@ -280,6 +292,11 @@ def main(argv: list[str] | None = None) -> None:
                 from rlhf_exp.plan import print_plan
 
                 print_plan(cfgs[0])  # before Hydra, so a dry run leaves no run folder behind
+                if cfgs[0].launcher.name == "slurm":
+                    from rlhf_exp.launch.slurm import compose_sbatch_script
+
+                    print("\nsbatch script (one job; a sweep submits it as a job array):\n")
+                    print(compose_sbatch_script(flags.overrides))
                 return
             if flags.cfg is None and not any(cfg.dry_run for cfg in cfgs):
                 argv += plan(cfgs)

@@ -18,4 +18,9 @@ def print_plan(cfg: DictConfig) -> None:
           f"lora={hw.lora})")
     print(f"parents   : {describe_parents(cfg)}")
     print(f"logger    : {cfg.logger.name}")
+    launcher = cfg.launcher
+    where = "" if launcher.name == "local" else (
+        f" ({hw.num_nodes} node(s), {hw.num_processes} task(s) and {hw.gpus_per_node} GPU(s) per node, "
+        f"partition={launcher.partition}, {launcher.time_min} min)")
+    print(f"launcher  : {launcher.name}{where}")
     print("dry run: nothing loaded, nothing trained.")

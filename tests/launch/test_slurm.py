@@ -1,0 +1,99 @@
+"""On a real SLURM cluster (CI starts one with .ci/slurm_up.sh): a KL sweep as a job array, a 2-task
+job, a failing job, and the submitted sbatch script against the dry run's rendering.
+
+Without a cluster these skip, unless RLHF_EXP_REQUIRE_SLURM=1 (CI), where a missing cluster fails."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+from omegaconf import OmegaConf
+
+from tests.conftest import read_json, run_cli
+from tests.launch.test_launchers import normalised_script
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def slurm_cluster():
+    problem = None
+    if shutil.which("sinfo") is None:
+        problem = "no SLURM client (sinfo) on PATH"
+    else:
+        proc = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
+        if proc.returncode != 0 or "idle" not in proc.stdout and "mix" not in proc.stdout:
+            problem = f"no idle SLURM node (sinfo: {(proc.stdout + proc.stderr).strip()[:200]})"
+    if problem:
+        if os.environ.get("RLHF_EXP_REQUIRE_SLURM") == "1":
+            pytest.fail(f"RLHF_EXP_REQUIRE_SLURM=1 but {problem}")
+        pytest.skip(f"{problem}; CI starts one with .ci/slurm_up.sh")
+
+
+def sweep_jobs(root, phase):
+    (sweep,) = (root / "sweeps").iterdir()
+    return sweep, sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.endswith(f"_{phase}"))
+
+
+def test_kl_sweep_runs_every_job_under_slurm(tmp_path, sft_run, rm_run):
+    proc = run_cli(["-m", "launcher=slurm", "phase=ppo", "phase.kl_ctrl=fixed", "phase.kl_coef=0.02,0.1,0.5",
+                    f"phase.sft_run={sft_run}", f"phase.reward_run={rm_run}", "phase.max_steps=3",
+                    f"output_root={tmp_path}"], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep, jobs = sweep_jobs(tmp_path, "ppo")
+    assert len(jobs) == 3
+    coefs, tasks = set(), set()
+    for job in jobs:
+        manifest = read_json(job / "manifest.json")
+        assert manifest["status"] == "succeeded", manifest
+        slurm = manifest["slurm"]
+        assert slurm and slurm["job_id"] and slurm["array_job_id"], manifest
+        tasks.add(slurm["array_task_id"])
+        summary = read_json(job / "summary.json")
+        assert summary["metrics"]["steps"] == 3
+        coefs.add(OmegaConf.load(job / "config.yaml").phase.kl_coef)
+    assert coefs == {0.02, 0.1, 0.5} and tasks == {"0", "1", "2"}
+    assert len({read_json(j / "manifest.json")["slurm"]["array_job_id"] for j in jobs}) == 1  # one job array
+    # the script SLURM ran is the one `dry_run=true` renders for the same settings (less the array line)
+    (submitted,) = sweep.glob(".submitit/*/*_submission.sh")
+    real = [line for line in normalised_script(submitted.read_text()).splitlines() if not line.startswith("#SBATCH --array")]
+    from rlhf_exp.launch.slurm import compose_sbatch_script
+
+    rendered = compose_sbatch_script(["launcher=slurm", "phase=ppo", f"output_root={tmp_path}"])
+    rendered = normalised_script(rendered.replace("%j", "%A_%a")).splitlines()
+    assert [line for line in real if line.startswith("#SBATCH")] == [line for line in rendered if line.startswith("#SBATCH")]
+
+
+def test_two_task_job_trains_as_two_gloo_processes(tmp_path):
+    start = time.monotonic()
+    proc = run_cli(["launcher=slurm", "hardware=cpu_x2", "phase.max_steps=8", f"output_root={tmp_path}"], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, (job,) = sweep_jobs(tmp_path, "sft")
+    manifest = read_json(job / "manifest.json")
+    assert manifest["status"] == "succeeded" and manifest["world_size"] == 2
+    assert manifest["slurm"]["ntasks"] == "2"
+    metrics = read_json(job / "summary.json")["metrics"]
+    assert metrics["steps"] == 8 and metrics["train_loss_last"] < metrics["train_loss_first"]
+    assert time.monotonic() - start < 300
+
+
+def test_failing_job_is_reported_not_waited_on(tmp_path, sft_run):
+    """A job whose parent's weights vanished after submission fails inside SLURM: the command ends
+    with a non-zero status naming the job and the error, and the manifest says failed."""
+    broken = tmp_path / "broken_sft"
+    shutil.copytree(sft_run, broken)
+    (broken / "checkpoints" / "final" / "model.safetensors").unlink()
+    start = time.monotonic()
+    proc = run_cli(["-m", "launcher=slurm", "phase=dpo", f"phase.sft_run={broken}", "seed=0,1",
+                    f"output_root={tmp_path / 'out'}"], timeout=600)
+    assert proc.returncode != 0
+    assert "2 of 2 sweep jobs failed" in proc.stderr, proc.stderr[-3000:]
+    assert time.monotonic() - start < 300
+    _, jobs = sweep_jobs(tmp_path / "out", "dpo")
+    for job in jobs:
+        manifest = read_json(job / "manifest.json")
+        assert manifest["status"] == "failed" and manifest["error"], manifest
