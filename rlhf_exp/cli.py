@@ -46,6 +46,10 @@ def _override_variants(overrides: list[str], multirun: bool) -> list[list[str]]:
             continue  # glob(...) needs Hydra's config loader to expand; Hydra checks what it yields
         if override.is_sweep_override():
             key = override.get_key_element()
+            if override.value_type.name == "INTERVAL_SWEEP":  # Optuna's interval(a, b): check both ends
+                ends = (override.value().start, override.value().end)
+                choices.append([f"{key}={int(x) if x == int(x) else x}" for x in ends])
+                continue
             choices.append([f"{key}={value}" for value in override.sweep_string_iterator()])
         else:
             choices.append([override.input_line])
@@ -271,6 +275,12 @@ def main(argv: list[str] | None = None) -> None:
     if not (CONF_DIR / "config.yaml").is_file():
         fail(f"no configs at {CONF_DIR}: rlhf_exp runs from a clone of its repository, installed with "
              "`pip install -e .` (a plain `pip install .` leaves conf/ behind)")
+    from rlhf_exp.sweep import expand_sweep
+
+    try:
+        argv = expand_sweep(argv)  # sweep=<name>: the overrides written in sweeps/<name>.yaml
+    except ConfigError as exc:
+        fail(str(exc))
     flags = _hydra_flags(argv)
     if flags.help:
         try:
@@ -316,3 +326,20 @@ def main(argv: list[str] | None = None) -> None:
 
     sys.argv = [sys.argv[0], *argv]
     _app()
+    _exit_status_of_sweep()
+
+
+def _exit_status_of_sweep() -> None:
+    """A sweep whose jobs failed ends with status 1 and names them (its other jobs ran to the end)."""
+    from rlhf_exp import sweep
+
+    summary = sweep.LAST_SUMMARY
+    if not summary:
+        return
+    failed = [job for job in summary["jobs"] if job["status"] != "succeeded"]
+    if failed:
+        lines = [f"  {job['job']}: {job['status']}: {job.get('error') or 'see its log under .submitit/ or above'}"
+                 for job in failed]
+        print(f"rlhf_exp: error: {len(failed)} of {len(summary['jobs'])} sweep jobs failed:\n" + "\n".join(lines),
+              file=sys.stderr)
+        sys.exit(1)

@@ -14,10 +14,10 @@ from tests.conftest import ROOT, only_run, read_json, read_metrics, run_cli
 
 
 def hydra_launcher(*overrides: str):
-    import rlhf_exp.cli  # noqa: F401  (registers the schemas)
-
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+
+    import rlhf_exp.cli  # noqa: F401  (registers the schemas)
 
     GlobalHydra.instance().clear()
     try:

@@ -5,6 +5,7 @@ Without a cluster these skip, unless RLHF_EXP_REQUIRE_SLURM=1 (CI), where a miss
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -70,14 +71,15 @@ def test_kl_sweep_runs_every_job_under_slurm(tmp_path, sft_run, rm_run):
 
 def test_two_task_job_trains_as_two_gloo_processes(tmp_path):
     start = time.monotonic()
-    proc = run_cli(["launcher=slurm", "hardware=cpu_x2", "phase.max_steps=8", f"output_root={tmp_path}"], timeout=600)
+    proc = run_cli(["launcher=slurm", "hardware=cpu_x2", "phase.max_steps=16", "phase.logging_steps=4",
+                    f"output_root={tmp_path}"], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _, (job,) = sweep_jobs(tmp_path, "sft")
     manifest = read_json(job / "manifest.json")
     assert manifest["status"] == "succeeded" and manifest["world_size"] == 2
     assert manifest["slurm"]["ntasks"] == "2"
     metrics = read_json(job / "summary.json")["metrics"]
-    assert metrics["steps"] == 8 and metrics["train_loss_last"] < metrics["train_loss_first"]
+    assert metrics["steps"] == 16 and metrics["train_loss_last"] < metrics["train_loss_first"]
     assert time.monotonic() - start < 300
 
 
@@ -86,12 +88,16 @@ def test_failing_job_is_reported_not_waited_on(tmp_path, sft_run):
     with a non-zero status naming the job and the error, and the manifest says failed."""
     broken = tmp_path / "broken_sft"
     shutil.copytree(sft_run, broken)
+    manifest = read_json(broken / "manifest.json")
+    manifest["checkpoint"] = str(broken / "checkpoints" / "final")
+    (broken / "manifest.json").write_text(json.dumps(manifest))
     (broken / "checkpoints" / "final" / "model.safetensors").unlink()
     start = time.monotonic()
     proc = run_cli(["-m", "launcher=slurm", "phase=dpo", f"phase.sft_run={broken}", "seed=0,1",
                     f"output_root={tmp_path / 'out'}"], timeout=600)
     assert proc.returncode != 0
     assert "2 of 2 sweep jobs failed" in proc.stderr, proc.stderr[-3000:]
+    assert "no file named model.safetensors" in proc.stderr.split("sweep jobs failed")[1]
     assert time.monotonic() - start < 300
     _, jobs = sweep_jobs(tmp_path / "out", "dpo")
     for job in jobs:
