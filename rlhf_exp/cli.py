@@ -264,7 +264,8 @@ def print_help(overrides: list[str]) -> None:
     print("== Config groups ==  pick one option per group (e.g. model=tiny)\n")
     for group in config_groups():
         options = [o for o in group_options(group) if not o.startswith("base_")]
-        print(f"{group}: {', '.join(options)}")
+        if options:  # conf/site/ is empty until a site adds local.yaml
+            print(f"{group}: {', '.join(options)}")
     print("\n== Config ==  any key below can be overridden (e.g. phase.learning_rate=1e-5)\n")
     print(OmegaConf.to_yaml(cfg))
     print(HELP_FOOTER)

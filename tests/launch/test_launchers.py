@@ -185,3 +185,42 @@ def test_submitit_tasks_become_torch_distributed_workers(tmp_path):
     assert manifest["status"] == "succeeded" and manifest["world_size"] == 2 and manifest["launcher"] == "submitit_local"
     assert read_json(job / "summary.json")["metrics"]["steps"] == 8
     assert len(read_metrics(job)) > 0
+
+
+def broken_sft_run(sft_run: Path, dest: Path) -> Path:
+    """A copy of a good SFT run whose weights are gone: it passes every check before launch (its
+    manifest says succeeded) and fails where the job loads it."""
+    import json
+    import shutil
+
+    shutil.copytree(sft_run, dest)
+    manifest = read_json(dest / "manifest.json")
+    manifest["checkpoint"] = str(dest / "checkpoints" / "final")
+    (dest / "manifest.json").write_text(json.dumps(manifest))
+    (dest / "checkpoints" / "final" / "model.safetensors").unlink()
+    return dest
+
+
+@pytest.mark.slow
+def test_a_failed_sweep_job_does_not_stop_the_others(tmp_path, sft_run):
+    broken = broken_sft_run(sft_run, tmp_path / "broken")
+    proc = run_cli(["-m", "phase=dpo", f"phase.sft_run={sft_run},{broken}", "phase.max_steps=4",
+                    f"output_root={tmp_path / 'out'}"])
+    assert proc.returncode == 1
+    tail = proc.stderr.split("rlhf_exp: error: 1 of 2 sweep jobs failed:")[1]
+    assert "1: failed: OSError: Error no file named model.safetensors" in tail
+    (summary,) = (tmp_path / "out" / "sweeps").glob("*/sweep_summary.json")
+    statuses = sorted(job["status"] for job in read_json(summary)["jobs"])
+    assert statuses == ["failed", "succeeded"]
+
+
+@pytest.mark.slow
+def test_a_failed_worker_fails_the_run_with_its_error(tmp_path, sft_run):
+    broken = broken_sft_run(sft_run, tmp_path / "broken")
+    proc = run_cli(["phase=dpo", "hardware=cpu_x2", f"phase.sft_run={broken}", f"output_root={tmp_path / 'out'}"])
+    assert proc.returncode == 2
+    assert "no file named model.safetensors" in proc.stderr  # the worker's own traceback
+    assert proc.stderr.strip().splitlines()[-1].startswith("rlhf_exp: error: 2-process run failed (torchrun exit 1)")
+    run = only_run(tmp_path / "out", "dpo")
+    manifest = read_json(run / "manifest.json")
+    assert manifest["status"] == "failed" and "OSError" in manifest["error"]
