@@ -12,7 +12,6 @@ the valid ones and the fix, in one or two lines, and exit with status 2.
 from __future__ import annotations
 
 import itertools
-import json
 import re
 import sys
 from pathlib import Path
@@ -111,7 +110,12 @@ def plan(cfgs: list[DictConfig]) -> list[str]:
     """Light checks a run needs before Hydra makes its folder: the phase has a runner, something can
     start the processes the hardware asks for, the parent runs exist. A parent taken by default is resolved here, once, and
     pinned into the command (so jobs of one sweep share it); returns those pinning overrides."""
-    from rlhf_exp.launch.distributed import check_accelerator, check_multiprocess_launch, check_slurm_available
+    from rlhf_exp.launch.distributed import (
+        check_accelerator,
+        check_multiprocess_launch,
+        check_sharding,
+        check_slurm_available,
+    )
     from rlhf_exp.runners import get_runner
     from rlhf_exp.tracking.lineage import PARENTS, resolve_parents
 
@@ -120,6 +124,7 @@ def plan(cfgs: list[DictConfig]) -> list[str]:
         get_runner(cfg.phase.name)
         check_multiprocess_launch(cfg)
         check_accelerator(cfg)
+        check_sharding(cfg)
         check_slurm_available(cfg)
         defaults = [key for _, key in PARENTS[cfg.phase.name] if not cfg.phase.get(key)]
         for parent, (_, key) in zip(resolve_parents(cfg, announce=i == 0), PARENTS[cfg.phase.name]):
@@ -152,32 +157,37 @@ def run_job(cfg: DictConfig):
             from rlhf_exp.plan import print_plan
 
             print_plan(cfg)
-            return None
+            return float("nan") if multirun else None
         distributed.from_submitit()  # one of several SLURM tasks: torch.distributed variables from SLURM's
         if distributed.rank() == 0 and (run_dir / "manifest.json").exists():
             raise ConfigError(f"{run_dir} already holds a run; a run never writes into another run's folder "
                               "(leave hydra.run.dir at its default)")
         if distributed.needs_spawn(cfg):
             distributed.spawn_workers(cfg, run_dir)
-            result = json.loads((run_dir / "summary.json").read_text())["metrics"]
+            result = distributed.read_metrics(run_dir)
         else:
             result = execute(cfg, run_dir)
     except KeyboardInterrupt:
         print(f"\nrlhf_exp: interrupted; {run_dir} is marked failed (manifest.json)", file=sys.stderr)
         sys.exit(130)
-    except (ConfigError, distributed.WorkersFailed) as exc:
-        if not multirun:
-            fail(str(exc))
-        return _job_failed(run_dir, exc, traceback=False)
     except Exception as exc:
+        if distributed.in_task_group():  # one of several SLURM tasks: the others must not wait for it
+            distributed.abort_task(run_dir, exc)
         if not multirun:
+            if isinstance(exc, ConfigError):
+                fail(str(exc))
+            if isinstance(exc, distributed.WorkersFailed):
+                print(f"rlhf_exp: error: {exc}", file=sys.stderr)
+                sys.exit(1)
             raise
-        return _job_failed(run_dir, exc, traceback=True)
+        return _job_failed(run_dir, exc, traceback=not isinstance(exc, (ConfigError, distributed.WorkersFailed)))
     if distributed.rank() != 0:
         return None
     print_result(cfg.phase.name, run_dir, result)
-    # the sweep objective: gold score on the embedded task (higher is better), else eval loss (lower)
-    return result.get("gold_score", result.get("eval_loss"))
+    # the sweep objective: gold score on the embedded task (higher is better), else eval loss (lower);
+    # NaN (a failed trial to Optuna) when a phase has neither
+    objective = result.get("gold_score", result.get("eval_loss"))
+    return float("nan") if objective is None else objective
 
 
 def _job_failed(run_dir: Path, exc: BaseException, traceback: bool) -> float:
@@ -283,6 +293,12 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         fail(str(exc))
     flags = _hydra_flags(argv)
+    try:
+        from rlhf_exp.launch.distributed import refuse_external_launcher
+
+        refuse_external_launcher()
+    except ConfigError as exc:
+        fail(str(exc))
     if flags.help:
         try:
             print_help(flags.overrides)
@@ -311,6 +327,11 @@ def main(argv: list[str] | None = None) -> None:
                 return
             if flags.cfg is None and not any(cfg.dry_run for cfg in cfgs):
                 argv += plan(cfgs)
+            if flags.multirun and any(cfg.dry_run for cfg in cfgs) and cfgs[0].launcher.name != "local":
+                # a dry run prints each job's plan here and submits nothing
+                print(f"rlhf_exp: dry run: plans printed here; nothing is submitted to launcher={cfgs[0].launcher.name}",
+                      file=sys.stderr)
+                argv = [a for a in argv if not a.startswith("launcher=")] + ["launcher=local"]
             if flags.cfg is None and not flags.multirun and cfgs[0].launcher.name != "local":
                 # Hydra hands jobs to a launcher only under --multirun: a single job is a one-job sweep
                 print(f"rlhf_exp: launcher={cfgs[0].launcher.name} submits through Hydra's multirun: this run is a "

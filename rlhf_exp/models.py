@@ -164,23 +164,28 @@ def lora_config(model_cfg: ModelConfig, hardware: HardwareConfig, task_type: str
     )
 
 
-def save_for_next_phase(model, tokenizer, path: Path, kind: str, step: int, run_id: str) -> Path:
+def save_for_next_phase(model, tokenizer, path: Path, kind: str, step: int, run_id: str, trainer=None) -> Path:
     """Save full weights + tokenizer where the next phase loads them; LoRA adapters are merged in.
 
     ``checkpoint.json`` labels what the folder holds (a policy or a reward model), from which run and
-    step, and when, so reward-model checkpoints are never mistaken for policies.
+    step, and when, so reward-model checkpoints are never mistaken for policies. With ``trainer`` (a
+    sharded run: ZeRO-3 or FSDP) every process calls the trainer's save, which gathers the shards
+    into whole weights written by rank 0.
     """
     import datetime as dt
     import json
 
     from rlhf_exp.tracking.run import is_main_process
 
+    if trainer is not None:
+        trainer.save_model(str(path))  # a collective: every rank
     if not is_main_process():  # rank 0 holds the same weights and writes them
         return path
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
+    if trainer is None:
+        if hasattr(model, "merge_and_unload"):
+            model = model.merge_and_unload()
+        path.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     label = {"kind": kind, "run_id": run_id, "step": step,
              "saved_at": dt.datetime.now(dt.timezone.utc).astimezone().isoformat(timespec="seconds")}

@@ -15,7 +15,7 @@ from enum import StrEnum
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 # Choices are StrEnums: OmegaConf rejects any other value at compose time, listing the valid ones,
 # and a member formats and compares as its plain string ("bf16").
@@ -459,6 +459,10 @@ GROUP_SCHEMAS: dict[str, type] = {
 def register_configs() -> None:
     """Register every schema so YAML files can start with ``defaults: [base_<group>]``."""
     cs = ConfigStore.instance()
+    # the job script's setup lines: srun stops every task of a job as soon as one fails (a failed rank
+    # would otherwise leave the others waiting in a collective), then the user's own lines
+    OmegaConf.register_new_resolver("rlhf_exp_srun_setup", lambda lines: ["export SLURM_KILL_BAD_EXIT=1", *(lines or [])],
+                                    replace=True)
     cs.store(name="base_config", node=RunConfig)
     for group, schema in GROUP_SCHEMAS.items():
         cs.store(group=group, name=f"base_{group}", node=schema)

@@ -133,6 +133,9 @@ def validate(cfg: DictConfig) -> None:
         check(hw.num_processes <= hw.gpus_per_node,
               f"hardware.num_processes={hw.num_processes} exceeds hardware.gpus_per_node={hw.gpus_per_node}: "
               "use one process per GPU")
+    check(cfg.launcher.max_num_timeout == 0,
+          f"launcher.max_num_timeout={cfg.launcher.max_num_timeout}: requeued jobs cannot resume yet (issue #5), so a "
+          "requeue would start the run again in its own folder; keep 0")
     check(not (hw.distributed == "none" and hw.num_processes * hw.num_nodes > 1),
           f"hardware.distributed=none with {hw.num_processes * hw.num_nodes} processes: set hardware.distributed=ddp")
     if hw.lora:

@@ -61,14 +61,78 @@ def check_accelerator(cfg: DictConfig) -> None:
                           f"and this machine has {torch.cuda.device_count()} GPUs")
 
 
+SHARDED = ("fsdp", "deepspeed_zero2", "deepspeed_zero3")
+
+
+def check_sharding(cfg: DictConfig) -> None:
+    """ZeRO needs DeepSpeed installed; PPO's own loop runs on DDP only (its four models under ZeRO/FSDP
+    need one engine each, not written yet)."""
+    kind = str(cfg.hardware.distributed)
+    if kind not in SHARDED:
+        return
+    if cfg.phase.name == "ppo":
+        raise ConfigError(f"phase=ppo runs on DDP; hardware.distributed={kind} (hardware={cfg.hardware.name}) is not "
+                          "supported for PPO yet: add hardware.distributed=ddp hardware.lora=true")
+    if kind.startswith("deepspeed"):
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError(f"hardware.distributed={kind} (hardware={cfg.hardware.name}) needs DeepSpeed: "
+                              "pip install -e '.[deepspeed]'")
+
+
 def check_slurm_available(cfg: DictConfig) -> None:
-    if cfg.launcher.name == "slurm" and shutil.which("sbatch") is None:
+    """launcher=slurm needs sbatch and a controller that answers (checked once, before submitting)."""
+    if cfg.launcher.name != "slurm":
+        return
+    if shutil.which("sbatch") is None:
         raise ConfigError("launcher=slurm submits with sbatch, which is not on PATH here: run from a SLURM login "
                           "node, or use launcher=local")
+    try:
+        probe = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=20)
+        problem = None if probe.returncode == 0 else (probe.stderr or probe.stdout).strip().splitlines()[-1:]
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        problem = [str(exc)]
+    if problem:
+        raise ConfigError(f"launcher=slurm: the SLURM controller does not answer (sinfo: {' '.join(problem)[:300]})")
 
 
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))
+
+
+def in_task_group() -> bool:
+    """This process is one of several tasks of a SLURM/submitit job (not a worker we started)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "TORCHELASTIC_RUN_ID" not in os.environ
+
+
+def abort_task(run_dir: Path, exc: BaseException) -> None:
+    """A task of a multi-task SLURM job failed: record why in the manifest (rank 0 may be killed before
+    it can), print the traceback to this task's log, and exit non-zero at once so that srun (with
+    SLURM_KILL_BAD_EXIT=1, set in the job script) stops the other tasks instead of leaving them waiting
+    in a collective."""
+    import traceback
+
+    traceback.print_exception(exc)
+    mark_failed(run_dir, f"rank {rank()}: {type(exc).__name__}: {exc}"[:2000])
+    print(f"rlhf_exp: error: rank {rank()} of {os.environ.get('WORLD_SIZE')} failed: {exc}", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+def refuse_external_launcher() -> None:
+    """``torchrun``/``accelerate launch`` around ``python -m rlhf_exp`` would run Hydra in every rank
+    (one run folder each): rlhf_exp starts its workers itself."""
+    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1 and "SUBMITIT_EXECUTOR" not in os.environ:
+        raise ConfigError("python -m rlhf_exp starts its own worker processes: run it without torchrun or accelerate "
+                          "launch, and set hardware.num_processes (e.g. hardware=cpu_x2, hardware=a100x8)")
+
+
+def read_metrics(run_dir: Path) -> dict:
+    """The metrics rank 0 wrote to summary.json (NaN/inf are stored as strings there)."""
+    import json
+
+    metrics = json.loads((run_dir / "summary.json").read_text())["metrics"]
+    return {k: float(v) if v in ("nan", "inf", "-inf") else v for k, v in metrics.items()}
 
 
 def from_submitit() -> bool:
@@ -117,12 +181,12 @@ def spawn_workers(cfg: DictConfig, run_dir: Path) -> None:
           f"{', gloo' if cfg.hardware.accelerator == 'cpu' else ''}) for {run_dir}", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, env=env)
     if proc.returncode != 0:
-        _mark_failed(run_dir, f"a worker process failed (torchrun exit {proc.returncode}); its traceback is above")
+        mark_failed(run_dir, f"a worker process failed (torchrun exit {proc.returncode}); its traceback is above")
         raise WorkersFailed(f"{n}-process run failed (torchrun exit {proc.returncode}); "
                            f"see the worker output above and {run_dir / 'manifest.json'}")
 
 
-def _mark_failed(run_dir: Path, error: str) -> None:
+def mark_failed(run_dir: Path, error: str) -> None:
     """A worker killed from outside (another rank crashed, OOM) cannot update its own manifest."""
     import json
 

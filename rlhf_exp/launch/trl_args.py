@@ -22,6 +22,25 @@ def _checkpointing_key() -> str:
     return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
 
 
+def sharding_kwargs(hw) -> dict[str, Any]:
+    """``hardware.distributed`` -> TrainingArguments' DeepSpeed / FSDP settings. Batch size, precision
+    and clipping stay "auto": transformers fills them from the arguments above, so they cannot disagree.
+    (Written from the transformers and DeepSpeed docs; not yet run on GPUs here, see README.)"""
+    kind = str(hw.distributed)
+    if kind.startswith("deepspeed_zero"):
+        zero: dict[str, Any] = {"stage": int(kind[-1]), "overlap_comm": True, "contiguous_gradients": True}
+        if zero["stage"] == 3:  # save whole 16-bit weights, not shards: the next phase loads them directly
+            zero["stage3_gather_16bit_weights_on_model_save"] = True
+        return {"deepspeed": {"zero_optimization": zero, "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
+                              "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+                              "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}}
+    if kind == "fsdp":
+        # shard parameters, gradients and optimizer state; wrap each transformer block (the model's
+        # _no_split_modules); a full state dict at save time for the next phase
+        return {"fsdp": "full_shard auto_wrap", "fsdp_config": {"state_dict_type": "FULL_STATE_DICT"}}
+    return {}
+
+
 def training_kwargs(cfg: RunConfig, run_dir: Path, has_eval: bool, best_metric: str = "eval_loss",
                     greater_is_better: bool = False) -> dict[str, Any]:
     """Arguments shared by every TRL trainer (they are transformers.TrainingArguments fields)."""
@@ -65,6 +84,7 @@ def training_kwargs(cfg: RunConfig, run_dir: Path, has_eval: bool, best_metric: 
         "dataloader_num_workers": hw.num_workers,
         "report_to": "none",  # rlhf_exp's own sinks (metrics.jsonl, W&B) record everything
         "disable_tqdm": False,
+        **sharding_kwargs(hw),
     }
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 def main(argv: list[str]) -> int:
     from rlhf_exp.cli import EXIT_CONFIG_ERROR, execute
     from rlhf_exp.config.errors import ConfigError
-    from rlhf_exp.launch.distributed import LAUNCH_DIR, rank
+    from rlhf_exp.launch.distributed import LAUNCH_DIR, mark_failed, rank
 
     run_dir = Path(argv[0])
     with open(run_dir / LAUNCH_DIR / "config.pkl", "rb") as f:
@@ -21,7 +21,11 @@ def main(argv: list[str]) -> int:
         execute(cfg, run_dir)
     except ConfigError as exc:
         print(f"rlhf_exp: error (rank {rank()}): {exc}", file=sys.stderr)
+        mark_failed(run_dir, f"rank {rank()}: {exc}")
         return EXIT_CONFIG_ERROR
+    except Exception as exc:  # recorded before torchrun stops the other workers (rank 0 may not get to it)
+        mark_failed(run_dir, f"rank {rank()}: {type(exc).__name__}: {exc}"[:2000])
+        raise
     return 0
 
 

@@ -63,11 +63,11 @@ def unwrapped_for_generation(accelerator, model):
 
 
 class SeededSampler:
-    """A logits processor that turns greedy decoding into sampling (temperature, top-p, then the
-    Gumbel-max trick) with noise drawn for the whole rollout batch from a generator seeded per PPO step.
-    Each process adds the noise rows of its own prompts, so a prompt's answer is the same whichever
-    process generated it and however many there are: a 2-process run samples exactly what 1 process
-    samples, and a run's rollouts are reproducible from its seed."""
+    """A logits processor that turns greedy decoding into sampling (temperature, top-p, then inverse-CDF
+    sampling with one uniform number per row and token) from a generator seeded per PPO step. The
+    numbers are drawn for the whole rollout batch and each process uses the rows of its own prompts,
+    so a prompt's answer is the same whichever process generated it and however many there are: a
+    2-process run samples exactly what 1 process samples, and rollouts are reproducible from the seed."""
 
     def __init__(self, temperature: float, top_p: float, seed: int, rows: slice, total_rows: int, device):
         self.temperature, self.top_p, self.rows, self.total_rows = temperature, top_p, rows, total_rows
@@ -75,9 +75,11 @@ class SeededSampler:
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         logits = core.top_p_filter(scores.float() / self.temperature, self.top_p)
-        noise = torch.empty((self.total_rows, logits.shape[-1]), device=self.generator.device)
-        gumbel = -torch.log(noise.exponential_(generator=self.generator))[self.rows]
-        return logits + gumbel.to(logits.device)
+        cdf = torch.softmax(logits, dim=-1).cumsum(-1)
+        u = torch.rand(self.total_rows, generator=self.generator, device=self.generator.device)[self.rows]
+        pick = torch.searchsorted(cdf, (u.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)).clamp(max=cdf.shape[-1] - 1)
+        # greedy decoding then takes exactly the sampled token
+        return torch.full_like(logits, float("-inf")).scatter(-1, pick, 0.0)
 
 
 def token_values(critic, input_ids, attention_mask, prompt_len: int):

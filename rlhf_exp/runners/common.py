@@ -62,15 +62,22 @@ def callbacks(cfg: RunConfig, run: Run, data: PhaseData) -> tuple[RunLogCallback
 
 
 def gold(cfg: RunConfig, model, tokenizer, data: PhaseData, run: Run, name: str) -> float | None:
-    """Mean gold reward of greedy answers on the held-out prompts (embedded task only; rank 0 only:
-    the other workers would repeat the same generations)."""
-    if not data.eval_prompts or not run.main:
+    """Mean gold reward of greedy answers on the held-out prompts (embedded task only). Rank 0 only
+    (the other workers would repeat the same generations), except in a sharded run, where generating
+    needs every rank's shard: all ranks generate in step and rank 0 records."""
+    if not data.eval_prompts or not (run.main or sharded(cfg)):
         return None
     from rlhf_exp.evaluation import gold_score
 
     return gold_score(model, tokenizer, data.eval_prompts, cfg.phase.max_new_tokens,
-                      cfg.phase.per_device_eval_batch_size, samples_path=run.dir / f"samples_{name}.jsonl",
-                      desc=f"gold eval ({name})")
+                      cfg.phase.per_device_eval_batch_size,
+                      samples_path=run.dir / f"samples_{name}.jsonl" if run.main else None, desc=f"gold eval ({name})")
+
+
+def sharded(cfg: RunConfig) -> bool:
+    from rlhf_exp.launch.distributed import SHARDED
+
+    return str(cfg.hardware.distributed) in SHARDED
 
 
 def record_initial_gold(cfg: RunConfig, model, tokenizer, data: PhaseData, run: Run, metrics: dict) -> None:
@@ -104,6 +111,7 @@ def train_and_evaluate(cfg: RunConfig, run: Run, built: Built) -> dict:
     start = time.monotonic()
     result = trainer.train()
     metrics["train_runtime_s"] = round(time.monotonic() - start, 2)
+    metrics["num_processes"] = trainer.accelerator.num_processes  # as accelerate set it up, not as asked
     metrics["steps"] = trainer.state.global_step
     metrics["train_loss_first"] = log.first("train/loss")
     metrics["train_loss_last"] = log.last("train/loss")
@@ -119,10 +127,12 @@ def train_and_evaluate(cfg: RunConfig, run: Run, built: Built) -> dict:
 
 def save_and_finish(run: Run, built: Built, folder: str = "final", kind: str = "policy") -> dict:
     """Save the model the next phase loads under checkpoints/<folder>/, then write the summary."""
+    from rlhf_exp.launch.distributed import SHARDED
     from rlhf_exp.models import save_for_next_phase
 
+    trainer = built.trainer if str(run.cfg.hardware.distributed) in SHARDED else None
     final_dir = save_for_next_phase(built.trainer.model, built.tokenizer, run.checkpoint_dir / folder, kind,
-                                    built.trainer.state.global_step, run.run_id)
+                                    built.trainer.state.global_step, run.run_id, trainer=trainer)
     if run.main:
         shutil.rmtree(run.checkpoint_dir / "trainer", ignore_errors=True)  # the best weights are in final_dir
     run.finish(built.metrics, final_dir)

@@ -54,7 +54,8 @@ def run(cfg: RunConfig, run: Run) -> dict:
     last = trainer.train(steps, run.log)
     metrics["train_runtime_s"] = round(time.monotonic() - start, 2)
 
-    metrics.update(steps=steps, kl=last["ppo/kl"], reward=last["ppo/reward"], kl_coef_final=trainer.kl_ctl.value)
+    metrics.update(steps=steps, num_processes=accelerator.num_processes, kl=last["ppo/kl"], reward=last["ppo/reward"],
+                   kl_coef_final=trainer.kl_ctl.value)
     policy = accelerator.unwrap_model(trainer.policy)
     score = gold(cfg, policy, tokenizer, data, run, "final")
     if score is not None:

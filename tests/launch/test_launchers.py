@@ -35,7 +35,7 @@ def test_slurm_resources_come_from_the_hardware_preset(hardware, nodes, tasks, g
     assert launcher["_target_"].endswith("SlurmLauncher")
     assert (launcher["nodes"], launcher["tasks_per_node"], launcher["gpus_per_node"]) == (nodes, tasks, gpus)
     assert (launcher["partition"], launcher["account"], launcher["timeout_min"]) == ("gpu", "proj", 240)
-    assert launcher["setup"] == ["module load cuda"]
+    assert launcher["setup"] == ["export SLURM_KILL_BAD_EXIT=1", "module load cuda"]
 
 
 def test_multi_node_hardware_sets_slurm_nodes():
@@ -120,6 +120,8 @@ def pair(tmp_path: Path, phase: str, one: list[str], two: list[str]) -> tuple[Pa
         dirs.append(only_run(root, phase))
     manifest = read_json(dirs[1] / "manifest.json")
     assert manifest["world_size"] == 2 and manifest["status"] == "succeeded"
+    # as accelerate set it up: a process group of 2, not just two processes each training alone
+    assert read_json(dirs[1] / "summary.json")["metrics"]["num_processes"] == 2
     assert read_json(dirs[0] / "manifest.json")["world_size"] == 1
     assert not (dirs[1].parent / "runs").exists() and len(list(dirs[1].parent.iterdir())) == 1  # one folder, not two
     return dirs[0], dirs[1]
@@ -165,10 +167,14 @@ def test_two_process_dpo_matches_one_process(tmp_path, sft_run):
 
 @pytest.mark.slow
 def test_two_process_ppo_matches_one_process(tmp_path, sft_run, rm_run):
-    common = [f"phase.sft_run={sft_run}", f"phase.reward_run={rm_run}", "phase.max_steps=4"]
+    # target_kl low enough that some steps stop their epochs early: every rank must stop together
+    common = [f"phase.sft_run={sft_run}", f"phase.reward_run={rm_run}", "phase.max_steps=4", "phase.ppo_epochs=4",
+              "phase.target_kl=0.003"]
     one, two = pair(tmp_path, "ppo", common, [*common, "hardware=cpu_x2"])
-    for key in ("ppo/reward", "ppo/kl", "ppo/policy_loss", "ppo/value_loss", "ppo/approx_kl", "ppo/kl_coef"):
+    for key in ("ppo/reward", "ppo/kl", "ppo/policy_loss", "ppo/value_loss", "ppo/approx_kl", "ppo/kl_coef",
+                "ppo/early_stopped_epochs", "ppo/gold_reward"):
         assert_close(losses(one, key), losses(two, key))
+    assert 0 < sum(losses(two, "ppo/early_stopped_epochs")) < 4
     assert losses(two, "ppo/value_loss")[-1] < losses(two, "ppo/value_loss")[0]
 
 
@@ -183,7 +189,8 @@ def test_submitit_tasks_become_torch_distributed_workers(tmp_path):
     (job,) = [p for p in (tmp_path / "sweeps").glob("*/*_sft") if p.is_dir()]
     manifest = read_json(job / "manifest.json")
     assert manifest["status"] == "succeeded" and manifest["world_size"] == 2 and manifest["launcher"] == "submitit_local"
-    assert read_json(job / "summary.json")["metrics"]["steps"] == 8
+    metrics = read_json(job / "summary.json")["metrics"]
+    assert metrics["steps"] == 8 and metrics["num_processes"] == 2
     assert len(read_metrics(job)) > 0
 
 
@@ -218,9 +225,61 @@ def test_a_failed_sweep_job_does_not_stop_the_others(tmp_path, sft_run):
 def test_a_failed_worker_fails_the_run_with_its_error(tmp_path, sft_run):
     broken = broken_sft_run(sft_run, tmp_path / "broken")
     proc = run_cli(["phase=dpo", "hardware=cpu_x2", f"phase.sft_run={broken}", f"output_root={tmp_path / 'out'}"])
-    assert proc.returncode == 2
+    assert proc.returncode == 1  # a failure, not bad input (2)
     assert "no file named model.safetensors" in proc.stderr  # the worker's own traceback
     assert proc.stderr.strip().splitlines()[-1].startswith("rlhf_exp: error: 2-process run failed (torchrun exit 1)")
     run = only_run(tmp_path / "out", "dpo")
     manifest = read_json(run / "manifest.json")
     assert manifest["status"] == "failed" and "OSError" in manifest["error"]
+
+
+def test_site_file_sets_launcher_defaults_and_the_command_line_wins():
+    site = ROOT / "conf" / "site" / "local.yaml"
+    if site.exists():
+        pytest.skip(f"{site} exists (a real site file); not overwriting it")
+    site.write_text("# @package _global_\nlauncher:\n  partition: site-gpu\n  account: site-proj\n"
+                    "  setup: ['module load cuda']\n")
+    try:
+        launcher, cfg = hydra_launcher("launcher=slurm")
+        assert (launcher["partition"], launcher["account"]) == ("site-gpu", "site-proj")
+        assert launcher["setup"] == ["export SLURM_KILL_BAD_EXIT=1", "module load cuda"]
+        launcher, _ = hydra_launcher("launcher=slurm", "launcher.partition=other")
+        assert launcher["partition"] == "other" and launcher["account"] == "site-proj"
+    finally:
+        site.unlink()
+
+
+@pytest.mark.parametrize("hardware, stage", [("a100x8", 3), ("a100x4", 3)])
+def test_zero_presets_reach_the_trl_trainers_as_deepspeed_config(compose, tmp_path, hardware, stage):
+    from rlhf_exp.launch.trl_args import training_kwargs
+
+    cfg = OmegaConf.to_object(compose([f"hardware={hardware}", "model=llama3_8b", "data=hh_rlhf"]))
+    ds = training_kwargs(cfg, tmp_path, has_eval=True)["deepspeed"]
+    assert ds["zero_optimization"]["stage"] == stage
+    assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    # batch size, accumulation, clipping and precision come from the same arguments, never twice
+    assert {ds[k] for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")} == {"auto"}
+
+
+def test_fsdp_and_ddp_mappings(compose, tmp_path):
+    from rlhf_exp.launch.trl_args import training_kwargs
+
+    fsdp = training_kwargs(OmegaConf.to_object(compose(["hardware=a100x4", "hardware.distributed=fsdp"])), tmp_path, True)
+    assert fsdp["fsdp"] == "full_shard auto_wrap" and "deepspeed" not in fsdp
+    ddp = training_kwargs(OmegaConf.to_object(compose(["hardware=cpu_x2"])), tmp_path, True)
+    assert "deepspeed" not in ddp and "fsdp" not in ddp and ddp["ddp_find_unused_parameters"] is False
+
+
+def test_sharded_presets_are_checked_before_launch(compose, monkeypatch):
+    import importlib.util
+
+    from rlhf_exp.config.errors import ConfigError
+    from rlhf_exp.launch.distributed import check_sharding
+
+    with pytest.raises(ConfigError, match=r"phase=ppo runs on DDP; hardware.distributed=deepspeed_zero3 .* add "
+                                          r"hardware.distributed=ddp hardware.lora=true"):
+        check_sharding(compose(["phase=ppo", "hardware=a100x8"]))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match=r"needs DeepSpeed: pip install -e '.\[deepspeed\]'"):
+        check_sharding(compose(["hardware=a100x8"]))
+    check_sharding(compose(["phase=ppo", "hardware=a100x8", "hardware.distributed=ddp", "hardware.lora=true"]))

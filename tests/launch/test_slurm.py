@@ -80,6 +80,7 @@ def test_two_task_job_trains_as_two_gloo_processes(tmp_path):
     assert manifest["slurm"]["ntasks"] == "2"
     metrics = read_json(job / "summary.json")["metrics"]
     assert metrics["steps"] == 16 and metrics["train_loss_last"] < metrics["train_loss_first"]
+    assert metrics["num_processes"] == 2  # one gloo process group across the two SLURM tasks
     assert time.monotonic() - start < 300
 
 
