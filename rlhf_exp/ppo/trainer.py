@@ -9,7 +9,6 @@ the RM run's ``reward_stats.json``. The math lives in ``rlhf_exp.ppo.core``; thi
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
@@ -44,22 +43,6 @@ def token_logprobs(model, input_ids, attention_mask, prompt_len: int, temperatur
     logprobs = torch.gather(logp_all, 2, input_ids[:, prompt_len:].unsqueeze(-1)).squeeze(-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logprobs, entropy
-
-
-@contextlib.contextmanager
-def unwrapped_for_generation(accelerator, model):
-    """The bare model for ``generate``: out of DDP's wrapper and, under DeepSpeed ZeRO-3, with its
-    sharded parameters gathered for the duration (generation calls the model token by token, which a
-    ZeRO-3 shard cannot do alone). The ZeRO-3 branch is untested here (no GPU, no DeepSpeed in CI)."""
-    unwrapped = accelerator.unwrap_model(model)
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is not None and plugin.zero_stage == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(model.parameters())):
-            yield unwrapped
-    else:
-        yield unwrapped
 
 
 class SeededSampler:
@@ -143,10 +126,10 @@ class PPOTrainer:
         sampler = SeededSampler(phase.temperature, phase.top_p, self.seed * 1_000_003 + self.steps_done, rows, total,
                                 self.device)
         self.policy.eval()
-        with unwrapped_for_generation(acc, self.policy) as model:
-            out = model.generate(**batch, do_sample=False, logits_processor=LogitsProcessorList([sampler]),
-                                 max_new_tokens=phase.max_new_tokens, pad_token_id=tok.pad_token_id,
-                                 eos_token_id=tok.eos_token_id, temperature=None, top_p=None, top_k=None)
+        # the bare model (out of DDP's wrapper) generates; PPO refuses ZeRO-3/FSDP, so its weights are whole
+        out = acc.unwrap_model(self.policy).generate(
+            **batch, do_sample=False, logits_processor=LogitsProcessorList([sampler]), max_new_tokens=phase.max_new_tokens,
+            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, temperature=None, top_p=None, top_k=None)
         prompt_len = batch["input_ids"].shape[1]
         if self.world > 1:  # processes stop generating at different lengths: pad to the longest
             longest = int(acc.gather(torch.tensor([out.shape[1]], device=self.device)).max())

