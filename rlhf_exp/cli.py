@@ -28,7 +28,9 @@ EXIT_CONFIG_ERROR = 2
 
 
 def fail(message: str) -> None:
-    print(f"rlhf_exp: error: {message}", file=sys.stderr)
+    from rlhf_exp.tracking.secrets import scrub
+
+    print(f"rlhf_exp: error: {scrub(message)}", file=sys.stderr)
     sys.exit(EXIT_CONFIG_ERROR)
 
 
@@ -347,8 +349,30 @@ def main(argv: list[str] | None = None) -> None:
         return run_job(cfg)
 
     sys.argv = [sys.argv[0], *argv]
+    _scrub_hydra_logs()
     _app()
     _exit_status_of_sweep()
+
+
+def _scrub_hydra_logs() -> None:
+    """Hydra logs each sweep job's overrides: a secret in a value is masked there too."""
+    import logging
+
+    from rlhf_exp.tracking.secrets import scrub, secret_values
+
+    if not secret_values():
+        return
+
+    class _Scrub(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            record.msg, record.args = scrub(record.getMessage()), None
+            return True
+
+    for handler in logging.getLogger().handlers + logging.getLogger("hydra").handlers:
+        handler.addFilter(_Scrub())
+    logging.getLogger("hydra").addFilter(_Scrub())
+    logging.getLogger("hydra._internal.core_plugins.basic_launcher").addFilter(_Scrub())
+    logging.getLogger("hydra_plugins.hydra_submitit_launcher.submitit_launcher").addFilter(_Scrub())
 
 
 def _exit_status_of_sweep() -> None:

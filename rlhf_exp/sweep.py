@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rlhf_exp.config.errors import CONF_DIR, ConfigError
 from rlhf_exp.tracking.run import command_line, now_iso, write_json_atomic, write_text_atomic
+from rlhf_exp.tracking.secrets import scrub, scrub_files
 
 SWEEPS_DIR = CONF_DIR.parent / "sweeps"
 # the sweep objective, as the Hydra task returns it: gold score (higher is better), else eval loss (lower)
@@ -262,8 +263,9 @@ LAST_SUMMARY: dict | None = None  # the summary written last in this process (th
 def write_summary(sweep_dir: str | Path, config: DictConfig | dict | None = None, command: str | None = None,
                   echo: bool = True) -> dict:
     """Write sweep_summary.json and sweep_summary.md into the sweep folder (and print the table)."""
-    summary = summarize(sweep_dir, config, command)
+    summary = scrub(summarize(sweep_dir, config, command))
     folder = Path(summary["sweep_dir"])
+    scrub_files(folder)  # Hydra's multirun.yaml holds the command line's overrides
     if not folder.is_dir():
         return summary
     counts = ", ".join(f"{n} {status}" for status, n in summary["counts"].items()) or "no jobs"

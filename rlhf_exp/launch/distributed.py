@@ -191,11 +191,12 @@ def mark_failed(run_dir: Path, error: str) -> None:
     import json
 
     from rlhf_exp.tracking.run import now_iso, write_json_atomic
+    from rlhf_exp.tracking.secrets import scrub
 
     path = run_dir / "manifest.json"
     if not path.is_file():
         return
     manifest = json.loads(path.read_text())
     if manifest.get("status") == "running":
-        manifest.update(status="failed", error=error, end_time=now_iso())
+        manifest.update(status="failed", error=scrub(error), end_time=now_iso())
         write_json_atomic(path, manifest)

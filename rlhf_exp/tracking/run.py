@@ -28,6 +28,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from rlhf_exp.tracking.lineage import PARENTS, lineage_keys
+from rlhf_exp.tracking.secrets import scrub, scrub_files
 
 VOLATILE_KEYS = ("output_root", "dry_run", "tag")
 
@@ -97,8 +98,9 @@ class Run:
         self.dir.mkdir(parents=True, exist_ok=True)
         if not self.main:
             return self
-        resolved = OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True)
+        resolved = scrub(OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True))
         write_text_atomic(self.dir / "config.yaml", OmegaConf.to_yaml(resolved))
+        scrub_files(self.dir / ".hydra")
         self.manifest = {
             "run_id": self.run_id,
             "phase": self.phase,
@@ -112,13 +114,13 @@ class Run:
             "start_time": now_iso(),
             "end_time": None,
             "seed": int(self.cfg.seed),
-            "command": command_line(),
+            "command": scrub(command_line()),
             "host": socket.gethostname(),
             "launcher": str(self.cfg.launcher.name) if "launcher" in self.cfg else None,
             "world_size": int(os.environ.get("WORLD_SIZE", "1")),
             "slurm": _slurm_job(),
             "python": platform.python_version(),
-            "tag": self.cfg.get("tag"),
+            "tag": scrub(self.cfg.get("tag")),
         }
         write_json_atomic(self.dir / "manifest.json", self.manifest)
         self._metrics_file = open(self.dir / "metrics.jsonl", "a", buffering=1)
@@ -135,7 +137,7 @@ class Run:
             failed = exc_type is not None or not self._summary_written
             self.manifest["status"] = "failed" if failed else "succeeded"
             if exc is not None:
-                self.manifest["error"] = f"{exc_type.__name__}: {exc}"[:2000]
+                self.manifest["error"] = scrub(f"{exc_type.__name__}: {exc}")[:2000]
             elif not self._summary_written:
                 self.manifest["error"] = "the runner returned without writing a summary"
             self.manifest["end_time"] = now_iso()

@@ -16,6 +16,15 @@ from typing import Any
 _warned_offline = False
 
 
+def secret_on_command_line() -> bool:
+    import sys
+
+    from rlhf_exp.tracking.secrets import scrub
+
+    line = " ".join(sys.argv)
+    return scrub(line) != line
+
+
 def has_api_key() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
@@ -52,7 +61,8 @@ class WandbSink:
                 dir=str(run_dir),
                 config=config,
                 mode=mode,
-                settings=wandb.Settings(silent=True, console="off"),
+                # W&B's run metadata records the command line: left out when a secret is on it
+                settings=wandb.Settings(silent=True, console="off", x_disable_meta=secret_on_command_line()),
             )
         except Exception as exc:  # W&B must never stop training
             self._disable(exc)
