@@ -62,6 +62,8 @@ def training_kwargs(cfg: RunConfig, run_dir: Path, has_eval: bool, best_metric: 
         "max_grad_norm": phase.max_grad_norm,
         "logging_steps": phase.logging_steps,
         "logging_first_step": True,
+        # a NaN/inf loss must show (and stop the run), not be averaged away in the logs
+        "logging_nan_inf_filter": False,
         "eval_strategy": eval_strategy,
         "eval_steps": phase.eval_steps,
         # checkpoints are needed to restore the best model when stopping early

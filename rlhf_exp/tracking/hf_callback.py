@@ -49,6 +49,13 @@ class RunLogCallback(TrainerCallback):
         self.muted = False
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):  # every rank logs the same (gathered) loss
+            since = state.global_step - args.logging_steps + 1
+            raise FloatingPointError(
+                f"train loss is {loss} in the steps {max(since, 1)}-{state.global_step}: training stopped "
+                f"(the weights are no longer finite). Lower phase.learning_rate={args.learning_rate:g} or "
+                f"phase.max_grad_norm={args.max_grad_norm:g}")
         if self.muted or not state.is_world_process_zero or not logs:
             return
         metrics = rename(logs, self.perplexity)
