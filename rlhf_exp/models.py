@@ -168,26 +168,40 @@ def save_for_next_phase(model, tokenizer, path: Path, kind: str, step: int, run_
     """Save full weights + tokenizer where the next phase loads them; LoRA adapters are merged in.
 
     ``checkpoint.json`` labels what the folder holds (a policy or a reward model), from which run and
-    step, and when, so reward-model checkpoints are never mistaken for policies. With ``trainer`` (a
-    sharded run: ZeRO-3 or FSDP) every process calls the trainer's save, which gathers the shards
-    into whole weights written by rank 0.
+    step, and when, so reward-model checkpoints are never mistaken for policies. The folder is written
+    under a temporary name and renamed when complete: a save that fails (a full disk) leaves no
+    half-written checkpoint behind, and says so. With ``trainer`` (a sharded run: ZeRO-3 or FSDP)
+    every process calls the trainer's save, which gathers the shards into whole weights on rank 0.
     """
     import datetime as dt
+    import errno
     import json
+    import shutil
 
     from rlhf_exp.tracking.run import is_main_process
 
-    if trainer is not None:
-        trainer.save_model(str(path))  # a collective: every rank
-    if not is_main_process():  # rank 0 holds the same weights and writes them
-        return path
-    if trainer is None:
-        if hasattr(model, "merge_and_unload"):
-            model = model.merge_and_unload()
-        path.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    label = {"kind": kind, "run_id": run_id, "step": step,
-             "saved_at": dt.datetime.now(dt.timezone.utc).astimezone().isoformat(timespec="seconds")}
-    (path / "checkpoint.json").write_text(json.dumps(label, indent=2) + "\n")
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        if trainer is not None:
+            trainer.save_model(str(partial))  # a collective: every rank
+        if not is_main_process():  # rank 0 holds the same weights and writes them
+            return path
+        if trainer is None:
+            if hasattr(model, "merge_and_unload"):
+                model = model.merge_and_unload()
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+            model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        label = {"kind": kind, "run_id": run_id, "step": step,
+                 "saved_at": dt.datetime.now(dt.timezone.utc).astimezone().isoformat(timespec="seconds")}
+        (partial / "checkpoint.json").write_text(json.dumps(label, indent=2) + "\n")
+        shutil.rmtree(path, ignore_errors=True)
+        partial.rename(path)
+    except OSError as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(exc.errno, f"disk full while saving the {kind} checkpoint to {path} ({exc.strerror}); "
+                                     "nothing half-written was kept: free space, or move output_root") from exc
+        raise
     return path

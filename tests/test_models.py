@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -60,3 +63,30 @@ def test_auto_dtype_follows_hardware_precision(compose, precision, expected):
     cfg = OmegaConf.to_object(compose(["model=qwen2_5_7b", "model.dtype=auto", "data=ultrafeedback_binarized",
                                        f"hardware.precision={precision}"]))
     assert load_kwargs(cfg.model, cfg.hardware)["dtype"] == expected
+
+
+def test_a_save_that_fills_the_disk_leaves_no_half_checkpoint(compose, tmp_path, monkeypatch):
+    import errno
+
+    from omegaconf import OmegaConf
+
+    from rlhf_exp.models import build_tiny_model, build_tiny_tokenizer, save_for_next_phase
+
+    cfg = OmegaConf.to_object(compose([]))
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(cfg.model, tokenizer)
+    good = save_for_next_phase(model, tokenizer, tmp_path / "final", "policy", 1, "run")
+    assert (good / "checkpoint.json").is_file()
+    real_save = type(model).save_pretrained
+
+    def fill_disk(self, folder, *args, **kwargs):
+        real_save(self, folder, *args, **kwargs)
+        (Path(folder) / "model.safetensors").write_bytes(b"trunc")  # half written, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(type(model), "save_pretrained", fill_disk)
+    with pytest.raises(OSError, match=r"disk full while saving the policy checkpoint to .*/final \(No space left on "
+                                      r"device\); nothing half-written was kept: free space, or move output_root"):
+        save_for_next_phase(model, tokenizer, tmp_path / "final", "policy", 2, "run")
+    assert json.loads((good / "checkpoint.json").read_text())["step"] == 1  # the previous good save is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["final"]
