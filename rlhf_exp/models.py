@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from rlhf_exp.config.errors import hub_unreachable
+from rlhf_exp.config.errors import ConfigError, hub_unreachable
 from rlhf_exp.config.schema import HardwareConfig, ModelConfig
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
@@ -83,9 +83,16 @@ def load_tokenizer(model_cfg: ModelConfig, checkpoint: str | None = None):
 
     if checkpoint is not None:
         tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        if tokenizer.chat_template is None:  # a parent trained on plain text has none: add model.chat_template
+            _apply_chat_template(tokenizer, model_cfg)
     elif model_cfg.source == "embedded":
         tokenizer = build_tiny_tokenizer()
     else:
+        path = model_cfg.path or ""
+        # a hub id is org/name; anything else is a folder, which transformers would misreport as a bad repo id
+        if (path.startswith(("/", ".", "~")) or path.count("/") > 1) and not Path(path).expanduser().is_dir():
+            raise ConfigError(f"model.path={path}: no such folder. Fix the path (a folder saved with save_pretrained, "
+                              "e.g. a run's checkpoints/final), or give a hub id (org/name).")
         try:
             tokenizer = AutoTokenizer.from_pretrained(
                 model_cfg.path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
@@ -97,6 +104,13 @@ def load_tokenizer(model_cfg: ModelConfig, checkpoint: str | None = None):
         # Llama 3 and Mistral ship no pad token; padding is masked, so reusing EOS is safe
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def check_chat_template(tokenizer, model_cfg: ModelConfig, dataset) -> None:
+    """Chat-message data need a chat template; without one TRL fails deep inside tokenisation."""
+    if tokenizer.chat_template is None and len(dataset) and isinstance(dataset[0]["prompt"], list):
+        raise ConfigError(f"model.path={model_cfg.path}: its tokenizer has no chat template, and the data are chat "
+                          "messages.\nSet model.chat_template=chatml (or a .jinja file), or give the data as plain strings.")
 
 
 def load_kwargs(model_cfg: ModelConfig, hardware: HardwareConfig) -> dict[str, Any]:

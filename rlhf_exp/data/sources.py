@@ -26,7 +26,11 @@ Source layouts (``data.format``; source column names come from ``data.columns.<f
 
 Bad records in local files stop the run with a ``ConfigError`` naming the file, the line and the
 fix. Hub rows that cannot be converted (HH has a handful without a final assistant turn) are
-skipped and counted in one warning: the user cannot edit the hub copy.
+skipped and counted in one warning: the user cannot edit the hub copy. A pair whose chosen and
+rejected answers are identical carries no preference (zero gradient for the RM and DPO losses, a
+sure miss in eval accuracy): such pairs are dropped with one counted warning, unless they are more
+than ``MAX_IDENTICAL_FRACTION`` of a local file, which points at a mistake (both columns mapped to
+the same data) and stops the run.
 
 ``datasets`` is imported lazily: ``check_data_files`` runs on the CLI's light config-check path.
 """
@@ -61,10 +65,16 @@ AUTO_LAYOUTS = (
 )
 _HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
 _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+# above this share of identical chosen/rejected pairs a local file is refused, not cleaned
+MAX_IDENTICAL_FRACTION = 0.1
 
 
 class RowError(ValueError):
     """One record cannot be converted; the caller adds where it is (file line) or skips it (hub)."""
+
+
+class IdenticalPair(RowError):
+    """chosen == rejected: dropped and counted (local files), skipped (hub)."""
 
 
 # ------------------------------------------------------------------------ public API
@@ -209,7 +219,7 @@ def _read_records(data_cfg, key: str, task: str, kind: str | None) -> tuple[list
     across records and files, since a trainer applies the chat template to all rows or none."""
     path = _setting(data_cfg, key)
     where = f"data.{key}={path}"
-    fmt, fields, records = data_cfg.format, None, []
+    fmt, fields, records, identical = data_cfg.format, None, [], []
     kind_line = 0
     for line_no, obj in _jsonl_objects(Path(path).expanduser(), where):
         if fields is None:
@@ -223,6 +233,9 @@ def _read_records(data_cfg, key: str, task: str, kind: str | None) -> tuple[list
                               f"(rename with data.columns.<field>=<your column>).")
         try:
             record = _convert({field: obj[col] for field, col in fields.items()}, fmt, task)
+        except IdenticalPair:
+            identical.append(line_no)
+            continue
         except RowError as exc:
             raise ConfigError(f"{where} line {line_no}: {exc}") from None
         record_kind = "conversational" if isinstance(record["prompt"], list) else "standard"
@@ -233,6 +246,15 @@ def _read_records(data_cfg, key: str, task: str, kind: str | None) -> tuple[list
             raise ConfigError(f"{where} line {line_no}: a {record_kind} record after {kind} ones ({first}). "
                               f"Use strings everywhere or chat lists everywhere.")
         records.append(record)
+    if identical:
+        total = len(records) + len(identical)
+        lines = ", ".join(map(str, identical[:5])) + (", ..." if len(identical) > 5 else "")
+        if len(identical) > MAX_IDENTICAL_FRACTION * total:
+            raise ConfigError(f"{where} line {identical[0]}: chosen and rejected are identical in {len(identical)} of {total} "
+                              f"records (lines {lines}), over {MAX_IDENTICAL_FRACTION:.0%}: are data.columns.chosen/"
+                              f"rejected the same column? Fix the columns, or remove those records.")
+        log.warning("%s: dropped %d of %d records whose chosen and rejected are identical (lines %s): "
+                    "they carry no preference", where, len(identical), total, lines)
     if not records:
         raise ConfigError(f"{where}: empty file (no records). Add one JSON object per line.")
     return records, kind
@@ -250,7 +272,7 @@ def _jsonl_objects(path: Path, where: str):
             if not text.strip():
                 continue
             try:
-                obj = json.loads(text)
+                obj = json.loads(text.rstrip("\r\n"))  # so the column points into the line
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"{where} line {line_no}: not valid JSON ({exc.msg} at column {exc.colno}). "
                                   f"Each line must hold one JSON object.") from None
@@ -338,7 +360,7 @@ def _convert(values: dict[str, Any], fmt: str, task: str) -> dict[str, Any]:
     if task == "sft":
         return {"prompt": prompt, "completion": answers[answer_fields[0]]}
     if answers["chosen"] == answers["rejected"]:
-        raise RowError("chosen and rejected are identical, so the pair carries no preference. Remove the record.")
+        raise IdenticalPair("chosen and rejected are identical, so the pair carries no preference.")
     return {"prompt": prompt, **answers}
 
 
@@ -357,7 +379,7 @@ def _pair(prompt: Any, answers: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
             raise RowError("no prompt: text answers need a prompt column (set data.columns.prompt).")
         for name, value in {"prompt": prompt, **answers}.items():
             if not value.strip():
-                raise RowError(f"{name} is an empty string.")
+                raise RowError(f"{name} is an empty string. Fill it in or remove the record.")
         return prompt, answers
     chats = {}
     for name, value in answers.items():
@@ -373,7 +395,7 @@ def _pair(prompt: Any, answers: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         full = context
     elif isinstance(prompt, str):
         if not prompt.strip():
-            raise RowError("prompt is an empty string.")
+            raise RowError("prompt is an empty string. Fill it in or remove the record.")
         full = context or [{"role": "user", "content": prompt}]
     else:
         given = _messages(prompt, "prompt")
@@ -395,6 +417,8 @@ def _messages(value: Any, name: str) -> list[dict[str, str]]:
         if not (isinstance(msg, dict) and isinstance(msg.get("role"), str) and isinstance(msg.get("content"), str)):
             raise RowError(f"{name}: message {i} is not a {{\"role\": str, \"content\": str}} object "
                            f"(got {msg!r:.60}).")
+        if not msg["content"].strip() and msg["role"] != "system":  # an empty system prompt is common and harmless
+            raise RowError(f"{name}: message {i} ({msg['role']}) is an empty string. Fill it in or remove the record.")
         out.append({"role": msg["role"], "content": msg["content"]})
     return out
 
@@ -404,7 +428,7 @@ def _check_answer(chat: list[dict[str, str]], name: str) -> None:
     if last["role"] != "assistant":
         raise RowError(f"{name}: the final message is a {last['role']!r} turn; it must be the assistant's answer.")
     if not last["content"].strip():
-        raise RowError(f"{name}: the final assistant message is an empty string.")
+        raise RowError(f"{name}: the final assistant message is an empty string. Fill it in or remove the record.")
 
 
 def _parse_hh(text: Any, name: str) -> list[dict[str, str]]:

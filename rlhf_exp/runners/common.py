@@ -50,6 +50,17 @@ def start(cfg: RunConfig, run: Run):
     return sft, load_tokenizer(cfg.model, checkpoint=sft["checkpoint"] if sft else None)
 
 
+def phase_data(cfg: RunConfig, tokenizer, preferences: bool) -> PhaseData:
+    """The phase's data (demonstrations, or preference pairs), checked against the tokenizer: chat
+    messages need a chat template."""
+    from rlhf_exp.data.loading import preference_data, sft_data
+    from rlhf_exp.models import check_chat_template
+
+    data = preference_data(cfg.data) if preferences else sft_data(cfg.data)
+    check_chat_template(tokenizer, cfg.model, data.train)
+    return data
+
+
 def callbacks(cfg: RunConfig, run: Run, data: PhaseData) -> tuple[RunLogCallback, list]:
     from transformers import EarlyStoppingCallback
 

@@ -13,13 +13,12 @@ from rlhf_exp.tracking.run import Run
 def build(cfg: RunConfig, run: Run):
     from trl import DPOTrainer
 
-    from rlhf_exp.data.loading import preference_data
     from rlhf_exp.launch.trl_args import dpo_config
     from rlhf_exp.models import load_causal_lm, lora_config
-    from rlhf_exp.runners.common import Built, callbacks, record_initial_gold, start
+    from rlhf_exp.runners.common import Built, callbacks, phase_data, record_initial_gold, start
 
     sft, tokenizer = start(cfg, run)
-    data = preference_data(cfg.data)
+    data = phase_data(cfg, tokenizer, preferences=True)
     model = load_causal_lm(cfg.model, cfg.hardware, tokenizer, checkpoint=sft["checkpoint"])
     metrics: dict = {"sft_run": sft["run_id"]}
     record_initial_gold(cfg, model, tokenizer, data, run, metrics)

@@ -10,9 +10,9 @@ from rlhf_exp.tracking.run import Run
 
 def _prompts(cfg: RunConfig, tokenizer) -> tuple[list[str], object]:
     """Training prompts (from the preference data's prompts) as text, and the phase's data."""
-    from rlhf_exp.data.loading import preference_data
+    from rlhf_exp.runners.common import phase_data
 
-    data = preference_data(cfg.data)
+    data = phase_data(cfg, tokenizer, preferences=True)
     prompts = list(dict.fromkeys(
         p if isinstance(p, str) else tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
         for p in data.train["prompt"]))

@@ -20,13 +20,12 @@ LOW_ACCURACY = 0.60
 def build(cfg: RunConfig, run: Run):
     from trl import RewardTrainer
 
-    from rlhf_exp.data.loading import preference_data
     from rlhf_exp.launch.trl_args import reward_config
     from rlhf_exp.models import load_reward_model, lora_config
-    from rlhf_exp.runners.common import Built, callbacks, start
+    from rlhf_exp.runners.common import Built, callbacks, phase_data, start
 
     sft, tokenizer = start(cfg, run)
-    data = preference_data(cfg.data)
+    data = phase_data(cfg, tokenizer, preferences=True)
     model = load_reward_model(cfg.model, cfg.hardware, tokenizer, sft["checkpoint"])
     if cfg.phase.freeze_embeddings:
         model.get_input_embeddings().requires_grad_(False)

@@ -10,13 +10,12 @@ def build(cfg: RunConfig, run: Run):
     """The trainer, ready to train, and what finishing needs (also used by tests to inspect it)."""
     from trl import SFTTrainer
 
-    from rlhf_exp.data.loading import sft_data
     from rlhf_exp.launch.trl_args import sft_config
     from rlhf_exp.models import load_causal_lm, lora_config
-    from rlhf_exp.runners.common import Built, callbacks, record_initial_gold, start
+    from rlhf_exp.runners.common import Built, callbacks, phase_data, record_initial_gold, start
 
     _, tokenizer = start(cfg, run)
-    data = sft_data(cfg.data)
+    data = phase_data(cfg, tokenizer, preferences=False)
     model = load_causal_lm(cfg.model, cfg.hardware, tokenizer)
     metrics: dict = {}
     record_initial_gold(cfg, model, tokenizer, data, run, metrics)

@@ -72,14 +72,15 @@ def resolve_run(ref: str, output_root: str | Path, phase: str, key: str) -> dict
         matches = [m for m in find_runs(output_root) if m.get("run_id") == ref]
         if not matches:
             where = "is a folder without manifest.json" if path.is_dir() else "is neither a run folder nor a run id"
-            raise ConfigError(f"phase.{key}={ref} {where} under {output_root}/")
+            raise ConfigError(f"phase.{key}={ref} {where} under {output_root}/. Give a run of phase={phase} (its "
+                              f"folder, holding manifest.json, or its run id), or leave phase.{key} out to use the latest.")
         if len(matches) > 1:
             raise ConfigError(f"phase.{key}={ref} names {len(matches)} runs: "
                               f"{', '.join(m['path'] for m in matches)}; give the folder instead")
         manifest = matches[0]
     if manifest.get("phase") != phase:
         raise ConfigError(f"phase.{key}={ref} is a run of phase={manifest.get('phase')}; phase.{key} needs a run of "
-                          f"phase={phase}")
+                          f"phase={phase}. Give a run of phase={phase}, or leave phase.{key} out to use the latest.")
     if manifest.get("status") != "succeeded":
         raise ConfigError(f"phase.{key}={ref} did not succeed (status: {manifest.get('status')}); pick another run")
     return manifest
