@@ -11,9 +11,12 @@ the valid ones and the fix, in one or two lines, and exit with status 2.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import re
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -271,6 +274,13 @@ Hydra's own flags: --hydra-help."""
 
 def print_help(overrides: list[str]) -> None:
     """Our --help: one composition (Hydra's lists each group by recomposing, ~1 s)."""
+    try:
+        _print_help(overrides)
+    except BrokenPipeError:  # `--help | head`
+        sys.stderr.close()
+
+
+def _print_help(overrides: list[str]) -> None:
     cfg = compose(overrides)
     print(HELP_HEADER)
     print("== Config groups ==  pick one option per group (e.g. model=tiny)\n")
@@ -333,11 +343,26 @@ def main(argv: list[str] | None = None) -> None:
                 # a dry run prints each job's plan here and submits nothing
                 print(f"rlhf_exp: dry run: plans printed here; nothing is submitted to launcher={cfgs[0].launcher.name}",
                       file=sys.stderr)
+                if cfgs[0].launcher.name == "slurm":
+                    from rlhf_exp.launch.slurm import compose_sbatch_script
+
+                    first = _override_variants(flags.overrides, multirun=True)[0]
+                    print("sbatch script of the first job (a sweep submits them as one job array):\n")
+                    print(compose_sbatch_script(first))
                 argv = [a for a in argv if not a.startswith("launcher=")] + ["launcher=local"]
+            if flags.multirun and all(cfg.dry_run for cfg in cfgs):
+                if any(a.startswith("hydra/sweeper=optuna") for a in argv):
+                    print("rlhf_exp: dry run: an Optuna search picks its trials from results as they come, so there is "
+                          "no plan to print; both ends of every interval were composed and checked.")
+                    return
+                # Hydra makes a folder per job even for a dry run: let it make them where they vanish
+                dry_dir = tempfile.mkdtemp(prefix="rlhf_exp_dry_run_")
+                atexit.register(shutil.rmtree, dry_dir, ignore_errors=True)
+                argv.append(f"hydra.sweep.dir={dry_dir}")
             if flags.cfg is None and not flags.multirun and cfgs[0].launcher.name != "local":
                 # Hydra hands jobs to a launcher only under --multirun: a single job is a one-job sweep
                 print(f"rlhf_exp: launcher={cfgs[0].launcher.name} submits through Hydra's multirun: this run is a "
-                      "one-job sweep under outputs/sweeps/", file=sys.stderr)
+                      f"one-job sweep under {cfgs[0].output_root}/sweeps/", file=sys.stderr)
                 argv.append("--multirun")
         except ConfigError as exc:
             fail(str(exc))

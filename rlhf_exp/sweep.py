@@ -314,7 +314,7 @@ class SweepSummary(Callback):
 
 def main(argv: list[str] | None = None) -> None:
     folders = sys.argv[1:] if argv is None else argv
-    if not folders:
+    if not folders or folders[0] in ("-h", "--help"):
         print("usage: python -m rlhf_exp.sweep <sweep folder> [...]   (writes sweep_summary.json/.md there)",
               file=sys.stderr)
         sys.exit(2)

@@ -283,3 +283,19 @@ def test_sharded_presets_are_checked_before_launch(compose, monkeypatch):
     with pytest.raises(ConfigError, match=r"needs DeepSpeed: pip install -e '.\[deepspeed\]'"):
         check_sharding(compose(["hardware=a100x8"]))
     check_sharding(compose(["phase=ppo", "hardware=a100x8", "hardware.distributed=ddp", "hardware.lora=true"]))
+
+
+def test_a_sweep_dry_run_submits_nothing_and_leaves_no_folder(tmp_path):
+    proc = run_cli(["-m", "launcher=slurm", "hardware=a100x8", "phase=sft", "seed=0,1", "dry_run=true",
+                    f"output_root={tmp_path}"])
+    assert proc.returncode == 0, proc.stderr
+    assert "nothing is submitted to launcher=slurm" in proc.stderr
+    assert proc.stdout.count("#SBATCH --ntasks-per-node=8") == 1 and proc.stdout.count("dry run: nothing loaded") == 2
+    assert not any(tmp_path.iterdir())
+
+
+def test_an_optuna_dry_run_explains_itself(tmp_path):
+    proc = run_cli(["-m", "sweep=ppo_optuna", "dry_run=true", f"output_root={tmp_path}"])
+    assert proc.returncode == 0, proc.stderr
+    assert "an Optuna search picks its trials from results as they come" in proc.stdout
+    assert not any(tmp_path.iterdir())
