@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import json
 import re
 import shutil
 import sys
@@ -164,14 +165,12 @@ def run_job(cfg: DictConfig):
             print_plan(cfg)
             return float("nan") if multirun else None
         distributed.from_submitit()  # one of several SLURM tasks: torch.distributed variables from SLURM's
-        if distributed.rank() == 0 and (run_dir / "manifest.json").exists():
-            raise ConfigError(f"{run_dir} already holds a run; a run never writes into another run's folder "
-                              "(leave hydra.run.dir at its default)")
+        resume = (run_dir / "manifest.json").exists() and resumable(cfg, run_dir)
         if distributed.needs_spawn(cfg):
-            distributed.spawn_workers(cfg, run_dir)
+            distributed.spawn_workers(cfg, run_dir, resume)
             result = distributed.read_metrics(run_dir)
         else:
-            result = execute(cfg, run_dir)
+            result = execute(cfg, run_dir, resume)
     except KeyboardInterrupt:
         print(f"\nrlhf_exp: interrupted; {run_dir} is marked failed (manifest.json)", file=sys.stderr)
         sys.exit(130)
@@ -207,9 +206,25 @@ def _job_failed(run_dir: Path, exc: BaseException, traceback: bool) -> float:
     return float("nan")
 
 
-def execute(cfg: DictConfig, run_dir: Path) -> dict:
+def resumable(cfg: DictConfig, run_dir: Path) -> bool:
+    """A folder that already holds a run is continued only when it is this run, unfinished, and
+    resume=auto; anything else is refused (a run never writes into another run's folder)."""
+    from rlhf_exp.tracking.run import config_hash
+
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    if str(cfg.resume) == "never":
+        raise ConfigError(f"{run_dir} already holds a run and resume=never: leave hydra.run.dir at its default")
+    if manifest.get("config_hash") != config_hash(cfg):
+        raise ConfigError(f"{run_dir} holds another run (its config differs); a run never writes into another run's "
+                          "folder: leave hydra.run.dir at its default, or continue it with resume=<that folder>")
+    if manifest.get("status") == "succeeded":
+        raise ConfigError(f"{run_dir} holds this run, and it already succeeded: nothing to resume")
+    return True
+
+
+def execute(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
     """Run the phase in this process (one of the workers when there are several): parents, runner,
-    the run folder's files. Returns the runner's metrics."""
+    the run folder's files (continued when ``resume``). Returns the runner's metrics."""
     from rlhf_exp.runners import get_runner
     from rlhf_exp.tracking.lineage import resolve_parents
     from rlhf_exp.tracking.run import Run
@@ -217,7 +232,7 @@ def execute(cfg: DictConfig, run_dir: Path) -> dict:
     parents = resolve_parents(cfg, announce=False)
     runner = get_runner(cfg.phase.name)
     typed = OmegaConf.to_object(cfg)
-    with Run(run_dir, cfg, parents) as run:
+    with Run(run_dir, cfg, parents, resume=resume) as run:
         return runner(typed, run)
 
 
@@ -304,6 +319,7 @@ def main(argv: list[str] | None = None) -> None:
         argv = expand_sweep(argv)  # sweep=<name>: the overrides written in sweeps/<name>.yaml
     except ConfigError as exc:
         fail(str(exc))
+    argv = _resume_command(argv)
     flags = _hydra_flags(argv)
     try:
         from rlhf_exp.launch.distributed import refuse_external_launcher
@@ -377,6 +393,20 @@ def main(argv: list[str] | None = None) -> None:
     _scrub_hydra_logs()
     _app()
     _exit_status_of_sweep()
+
+
+def _resume_command(argv: list[str]) -> list[str]:
+    """``resume=<run folder>``: that run's own command (its .hydra/overrides.yaml) into its own folder."""
+    given = [a for a in argv if a.startswith("resume=") and a.split("=", 1)[1] not in ("auto", "never")]
+    if not given:
+        return argv
+    folder = Path(given[-1].split("=", 1)[1]).expanduser().resolve()
+    saved = folder / ".hydra" / "overrides.yaml"
+    if not (folder / "manifest.json").is_file() or not saved.is_file():
+        fail(f"resume={folder}: not a run folder (it needs manifest.json and .hydra/overrides.yaml)")
+    overrides = [str(o) for o in OmegaConf.load(saved)]
+    print(f"rlhf_exp: resuming {folder.name}: python -m rlhf_exp {' '.join(overrides)}", file=sys.stderr)
+    return [*overrides, f"hydra.run.dir={folder}"]
 
 
 def _scrub_hydra_logs() -> None:

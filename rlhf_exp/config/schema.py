@@ -265,6 +265,11 @@ class PhaseConfig:
     eval_steps: Optional[int] = None
     # stop after this many evaluations without improvement; 0 = never stop early
     early_stopping_patience: int = 2
+    # a resumable checkpoint (weights, optimizer, scheduler, RNG states, data position) every N steps;
+    # null: none (a killed run starts over)
+    save_steps: Optional[int] = None
+    # resumable checkpoints kept: the newest N (and the best one when early stopping needs it)
+    keep_checkpoints: int = 2
     # sampling settings for the gold-score evaluation and PPO rollouts
     max_new_tokens: int = 256
 
@@ -437,6 +442,10 @@ class RunConfig:
     tag: Optional[str] = None
     # compose, check and print the resolved plan without loading anything
     dry_run: bool = False
+    # auto: a run launched into a folder that already holds it (a requeued SLURM job, or
+    # `python -m rlhf_exp resume=<run folder>`) continues from its latest complete checkpoint;
+    # never: such a launch is refused
+    resume: str = "auto"
 
 
 PHASE_SCHEMAS: dict[str, type[PhaseConfig]] = {

@@ -73,6 +73,15 @@ def validate(cfg: DictConfig) -> None:
     check(0 <= phase.warmup_ratio < 1, f"phase.warmup_ratio={phase.warmup_ratio}: must be in [0, 1)")
     check(phase.early_stopping_patience >= 0, "phase.early_stopping_patience must be >= 0 (0 = never stop early)")
     check(phase.eval_steps is None or phase.eval_steps >= 1, "phase.eval_steps must be >= 1, or null (each epoch)")
+    if phase.get("save_steps") is not None:
+        check(phase.save_steps >= 1 and phase.keep_checkpoints >= 1, "phase.save_steps and phase.keep_checkpoints must be >= 1")
+        check(phase_name != "ppo", "phase.save_steps: resumable PPO checkpoints are not written yet (issue #5); leave it "
+                                   "null for phase=ppo")
+        check(phase.early_stopping_patience == 0 or (phase.eval_steps and phase.save_steps % phase.eval_steps == 0),
+              f"phase.save_steps={phase.save_steps} with early stopping: checkpoints must fall on evaluations; set "
+              f"phase.eval_steps to a divisor of it (now {phase.eval_steps}), or phase.early_stopping_patience=0")
+    check(str(cfg.resume) in ("auto", "never") or Path(str(cfg.resume)).is_dir(),
+          f"resume={cfg.resume}: use auto, never, or a run folder to continue")
     if phase_name == "dpo":
         check(phase.beta > 0, f"phase.beta={phase.beta}: must be > 0 (typical 0.01-0.5)")
     if phase_name == "ppo":

@@ -161,7 +161,7 @@ def needs_spawn(cfg: DictConfig) -> bool:
     return world_size(cfg) > 1 and "RANK" not in os.environ and "WORLD_SIZE" not in os.environ
 
 
-def spawn_workers(cfg: DictConfig, run_dir: Path) -> None:
+def spawn_workers(cfg: DictConfig, run_dir: Path, resume: bool = False) -> None:
     """Start ``hardware.num_processes`` workers on this machine with torchrun and wait for them.
     Raises RuntimeError naming the failed rank's exit when any worker fails."""
     from rlhf_exp.tracking.run import command_line
@@ -171,7 +171,7 @@ def spawn_workers(cfg: DictConfig, run_dir: Path) -> None:
     resolved = copy.deepcopy(cfg)
     OmegaConf.resolve(resolved)  # interpolations fixed here, once, for every worker
     with open(launch / "config.pkl", "wb") as f:
-        pickle.dump(resolved, f)
+        pickle.dump({"cfg": resolved, "resume": resume}, f)
     n = int(cfg.hardware.num_processes)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
            "--max-restarts=0", "-m", "rlhf_exp.launch.worker", str(run_dir)]

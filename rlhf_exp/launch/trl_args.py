@@ -48,6 +48,7 @@ def training_kwargs(cfg: RunConfig, run_dir: Path, has_eval: bool, best_metric: 
     precision = str(hw.precision)
     eval_strategy = ("steps" if phase.eval_steps else "epoch") if has_eval else "no"
     early_stop = has_eval and phase.early_stopping_patience > 0
+    resumable = phase.save_steps is not None
     return {
         "output_dir": str(run_dir / "checkpoints" / "trainer"),
         "learning_rate": phase.learning_rate,
@@ -66,11 +67,12 @@ def training_kwargs(cfg: RunConfig, run_dir: Path, has_eval: bool, best_metric: 
         "logging_nan_inf_filter": False,
         "eval_strategy": eval_strategy,
         "eval_steps": phase.eval_steps,
-        # checkpoints are needed to restore the best model when stopping early
-        "save_strategy": eval_strategy if early_stop else "no",
-        "save_steps": phase.eval_steps,
-        "save_total_limit": 2 if early_stop else None,
-        "save_only_model": True,
+        # resumable checkpoints every save_steps (full state); otherwise only what restoring the best
+        # model after early stopping needs (weights)
+        "save_strategy": "steps" if resumable else eval_strategy if early_stop else "no",
+        "save_steps": phase.save_steps if resumable else phase.eval_steps,
+        "save_total_limit": phase.keep_checkpoints if resumable else 2 if early_stop else None,
+        "save_only_model": not resumable,
         "load_best_model_at_end": early_stop,
         # early stopping and the restored "best" model follow this metric
         "metric_for_best_model": best_metric,

@@ -16,9 +16,9 @@ def main(argv: list[str]) -> int:
 
     run_dir = Path(argv[0])
     with open(run_dir / LAUNCH_DIR / "config.pkl", "rb") as f:
-        cfg = pickle.load(f)
+        launch = pickle.load(f)
     try:
-        execute(cfg, run_dir)
+        execute(launch["cfg"], run_dir, launch["resume"])
     except ConfigError as exc:
         print(f"rlhf_exp: error (rank {rank()}): {exc}", file=sys.stderr)
         mark_failed(run_dir, f"rank {rank()}: {exc}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -64,8 +65,10 @@ def phase_data(cfg: RunConfig, tokenizer, preferences: bool) -> PhaseData:
 def callbacks(cfg: RunConfig, run: Run, data: PhaseData) -> tuple[RunLogCallback, list]:
     from transformers import EarlyStoppingCallback
 
+    from rlhf_exp.tracking.checkpoints import MarkComplete
+
     log = RunLogCallback(run, perplexity=cfg.phase.name == "sft")
-    extra = []
+    extra = [MarkComplete()]
     if data.eval is not None and cfg.phase.early_stopping_patience > 0:
         # eval loss and perplexity rank checkpoints identically; stopping on one is stopping on both
         extra.append(EarlyStoppingCallback(early_stopping_patience=cfg.phase.early_stopping_patience))
@@ -93,6 +96,10 @@ def sharded(cfg: RunConfig) -> bool:
 
 def record_initial_gold(cfg: RunConfig, model, tokenizer, data: PhaseData, run: Run, metrics: dict) -> None:
     """Gold score of the starting model (untrained or the parent's), the baseline the phase must beat."""
+    earlier = [r["eval/gold_score"] for r in run.previous if r.get("step") == 0 and "eval/gold_score" in r]
+    if earlier:  # resuming: measured before the interruption
+        metrics["gold_score_initial"] = earlier[0]
+        return
     initial = gold(cfg, model, tokenizer, data, run, "initial")
     if initial is not None:
         metrics["gold_score_initial"] = initial
@@ -119,8 +126,18 @@ def train_and_evaluate(cfg: RunConfig, run: Run, built: Built) -> dict:
     trainer, log, metrics = built.trainer, built.log, built.metrics
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(CompactProgress())
+    resume_from = None
+    if run.resuming:
+        from rlhf_exp.tracking.checkpoints import latest_complete
+
+        resume_from = latest_complete(run.checkpoint_dir / "trainer")
+        step = int(resume_from.name.split("-")[1]) if resume_from else 0
+        run.truncate_metrics(step)
+        log.history = [r for r in run.previous if any(k.startswith("train/") for k in r)]
+        print(f"rlhf_exp: resuming {run.run_id} from " + (f"step {step} ({resume_from})" if resume_from else
+              "the start: it has no complete checkpoint"), file=sys.stderr)
     start = time.monotonic()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     metrics["train_runtime_s"] = round(time.monotonic() - start, 2)
     metrics["num_processes"] = trainer.accelerator.num_processes  # as accelerate set it up, not as asked
     metrics["steps"] = trainer.state.global_step

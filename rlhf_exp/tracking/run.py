@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from rlhf_exp.tracking.lineage import PARENTS, lineage_keys
 from rlhf_exp.tracking.secrets import scrub, scrub_files
 
-VOLATILE_KEYS = ("output_root", "dry_run", "tag")
+VOLATILE_KEYS = ("output_root", "dry_run", "tag", "resume")
 
 
 def now_iso() -> str:
@@ -80,7 +80,7 @@ def _clean(value: Any) -> Any:
 class Run:
     """One run's folder: config, manifest, metrics and summary, plus optional W&B mirroring."""
 
-    def __init__(self, run_dir: Path, cfg: DictConfig, parents: list[dict] | None = None):
+    def __init__(self, run_dir: Path, cfg: DictConfig, parents: list[dict] | None = None, resume: bool = False):
         self.dir = Path(run_dir).resolve()
         self.cfg = cfg
         self.run_id = run_id_of(self.dir)
@@ -92,12 +92,19 @@ class Run:
         self._sinks: list[Any] = []
         self._summary_written = False
         self.manifest: dict[str, Any] = {}
+        # continuing this folder's run from its latest checkpoint: its earlier metrics stay
+        self.resuming = resume
+        self.previous: list[dict[str, Any]] = []
 
     # -- lifecycle --------------------------------------------------------------------------
     def __enter__(self) -> Run:
         self.dir.mkdir(parents=True, exist_ok=True)
+        if self.resuming and (self.dir / "metrics.jsonl").is_file():
+            self.previous = [json.loads(line) for line in (self.dir / "metrics.jsonl").read_text().splitlines() if line]
         if not self.main:
             return self
+        if self.resuming:
+            return self._reopen()
         resolved = scrub(OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True))
         write_text_atomic(self.dir / "config.yaml", OmegaConf.to_yaml(resolved))
         scrub_files(self.dir / ".hydra")
@@ -129,6 +136,25 @@ class Run:
 
             self._sinks.append(WandbSink(self.cfg.logger, self.run_id, self.dir, resolved))
         return self
+
+    def _reopen(self) -> Run:
+        """Resume: the manifest says running again (with when it resumed); metrics are appended."""
+        self.manifest = json.loads((self.dir / "manifest.json").read_text())
+        self.manifest.update(status="running", end_time=None)
+        self.manifest.pop("error", None)
+        self.manifest.setdefault("resumed_at", []).append(now_iso())
+        write_json_atomic(self.dir / "manifest.json", self.manifest)
+        self._metrics_file = open(self.dir / "metrics.jsonl", "a", buffering=1)
+        return self
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drop records logged after ``step`` (the checkpoint resumed from): they are logged again."""
+        self.previous = [r for r in self.previous if r.get("step", 0) <= step]
+        if not self.main:
+            return
+        self._metrics_file.close()
+        write_text_atomic(self.dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.previous))
+        self._metrics_file = open(self.dir / "metrics.jsonl", "a", buffering=1)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if not self.main:
