@@ -157,6 +157,7 @@ def run_job(cfg: DictConfig):
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    started = False
     try:
         validate(cfg)
         if cfg.dry_run:  # under -m; a single dry run never reaches Hydra
@@ -166,6 +167,7 @@ def run_job(cfg: DictConfig):
             return float("nan") if multirun else None
         distributed.from_submitit()  # one of several SLURM tasks: torch.distributed variables from SLURM's
         resume = (run_dir / "manifest.json").exists() and resumable(cfg, run_dir)
+        started = True  # from here on the folder is this run's
         if distributed.needs_spawn(cfg):
             distributed.spawn_workers(cfg, run_dir, resume)
             result = distributed.read_metrics(run_dir)
@@ -176,7 +178,7 @@ def run_job(cfg: DictConfig):
         sys.exit(130)
     except Exception as exc:
         if distributed.in_task_group():  # one of several SLURM tasks: the others must not wait for it
-            distributed.abort_task(run_dir, exc)
+            distributed.abort_task(run_dir, exc, record=started)
         if not multirun:
             if isinstance(exc, ConfigError):
                 fail(str(exc))

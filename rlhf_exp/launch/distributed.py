@@ -106,15 +106,16 @@ def in_task_group() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "TORCHELASTIC_RUN_ID" not in os.environ
 
 
-def abort_task(run_dir: Path, exc: BaseException) -> None:
+def abort_task(run_dir: Path, exc: BaseException, record: bool = True) -> None:
     """A task of a multi-task SLURM job failed: record why in the manifest (rank 0 may be killed before
-    it can), print the traceback to this task's log, and exit non-zero at once so that srun (with
-    SLURM_KILL_BAD_EXIT=1, set in the job script) stops the other tasks instead of leaving them waiting
-    in a collective."""
+    it can; not when the folder was refused, as it may hold another run), print the traceback to this
+    task's log, and exit non-zero at once so that srun (with SLURM_KILL_BAD_EXIT=1, set in the job
+    script) stops the other tasks instead of leaving them waiting in a collective."""
     import traceback
 
     traceback.print_exception(exc)
-    mark_failed(run_dir, f"rank {rank()}: {type(exc).__name__}: {exc}"[:2000])
+    if record:
+        mark_failed(run_dir, f"rank {rank()}: {type(exc).__name__}: {exc}"[:2000])
     print(f"rlhf_exp: error: rank {rank()} of {os.environ.get('WORLD_SIZE')} failed: {exc}", file=sys.stderr, flush=True)
     os._exit(1)
 
