@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from rlhf_exp.config.errors import CONF_DIR, ConfigError, config_groups, group_options, translate
 from rlhf_exp.config.schema import register_configs
 from rlhf_exp.config.validate import validate
+from rlhf_exp.launch.signals import GUARD, Interrupted
 
 register_configs()
 
@@ -176,6 +177,8 @@ def run_job(cfg: DictConfig):
     except KeyboardInterrupt:
         print(f"\nrlhf_exp: interrupted; {run_dir} is marked failed (manifest.json)", file=sys.stderr)
         sys.exit(130)
+    except Interrupted as exc:  # SIGTERM/SIGUSR2: checkpoint saved, manifest says "interrupted"
+        GUARD.hand_over(exc, distributed.rank(), run_dir)
     except Exception as exc:
         if distributed.in_task_group():  # one of several SLURM tasks: the others must not wait for it
             distributed.abort_task(run_dir, exc, record=started)
@@ -234,6 +237,7 @@ def execute(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
     parents = resolve_parents(cfg, announce=False)
     runner = get_runner(cfg.phase.name)
     typed = OmegaConf.to_object(cfg)
+    GUARD.install()  # from here SIGTERM/SIGUSR2 mean: checkpoint at the end of the step, then stop
     with Run(run_dir, cfg, parents, resume=resume) as run:
         return runner(typed, run)
 

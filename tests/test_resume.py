@@ -1,5 +1,6 @@
-"""Resume (issue #5, TRL phases): a run killed with SIGKILL and relaunched with resume=<run folder>
-continues from its latest complete checkpoint and logs what an uninterrupted run logs."""
+"""Resume (issue #5): a run killed with SIGKILL, or stopped by SIGTERM/SIGUSR2, and relaunched with
+resume=<run folder> continues from its latest complete checkpoint and logs what an uninterrupted run
+logs (SFT through TRL's trainer, PPO through our own loop)."""
 
 from __future__ import annotations
 
@@ -22,23 +23,47 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["train/loss"]) for r in read_metrics(run_dir) if "train/loss" in r]
 
 
-def killed_run(root: Path, after_checkpoint: int) -> Path:
-    """Start the SFT run, SIGKILL it once checkpoint-<after_checkpoint> is complete; return its folder."""
+def start(args: list[str], root: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "WANDB_MODE")}
-    proc = subprocess.Popen([sys.executable, "-m", "rlhf_exp", *SFT, f"output_root={root}"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
+    return subprocess.Popen([sys.executable, "-m", "rlhf_exp", *args, f"output_root={root}"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(pattern: str, root: Path, proc: subprocess.Popen, timeout: float = 300) -> bool:
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        done = list(root.glob(f"runs/*/checkpoints/trainer/checkpoint-{after_checkpoint}/complete.json"))
-        if done or proc.poll() is not None:
+        if list(root.glob(pattern)) or proc.poll() is not None:
             break
         time.sleep(0.05)
+    return bool(list(root.glob(pattern)))
+
+
+def killed_run(root: Path, after_checkpoint: int, args: list[str] = SFT, phase: str = "sft") -> Path:
+    """Start the run, SIGKILL it once checkpoint-<after_checkpoint> is complete; return its folder."""
+    proc = start(args, root)
+    done = wait_for(f"runs/*/checkpoints/trainer/checkpoint-{after_checkpoint}/complete.json", root, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert done, "the run ended or timed out before its checkpoint"
-    run = only_run(root, "sft")
+    run = only_run(root, phase)
     assert read_json(run / "manifest.json")["status"] == "running"  # killed: nothing could record it
     return run
+
+
+def signalled_run(root: Path, after_metric: str, args: list[str], phase: str, sig=signal.SIGTERM) -> tuple[Path, str]:
+    """Start the run, send ``sig`` once metrics.jsonl has a line with ``after_metric``; return its folder
+    and stderr. The run saves a checkpoint at the end of the step and exits with 128+sig."""
+    proc = start(args, root)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = list(root.glob("runs/*/metrics.jsonl"))
+        if found and after_metric in found[0].read_text():
+            break
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err[-3000:]
+    return only_run(root, phase), err
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +89,88 @@ def test_sft_killed_and_resumed_logs_what_an_uninterrupted_run_logs(tmp_path, un
     summary, whole = read_json(run / "summary.json")["metrics"], read_json(uninterrupted / "summary.json")["metrics"]
     assert abs(summary["eval_loss"] - whole["eval_loss"]) <= 1e-5 and summary["gold_score"] == whole["gold_score"]
     assert summary["gold_score_initial"] == whole["gold_score_initial"]
+    assert abs(summary["train_loss_mean"] - whole["train_loss_mean"]) <= 1e-5, "the whole run's mean loss"
+
+
+@pytest.mark.slow
+def test_sft_stopped_by_sigterm_saves_its_step_and_resumes_exactly(tmp_path, uninterrupted):
+    """SIGTERM between two logs and between two save_steps: the step it stops at is saved (with the
+    loss-logging window), and the resumed run logs exactly what the uninterrupted one logged."""
+    run, err = signalled_run(tmp_path, '"train/loss"', SFT, "sft")
+    manifest = read_json(run / "manifest.json")
+    assert manifest["status"] == "interrupted", manifest
+    step, checkpoint = manifest["interrupted"]["step"], Path(manifest["interrupted"]["checkpoint"])
+    assert manifest["interrupted"]["signal"] == "SIGTERM" and checkpoint.name == f"checkpoint-{step}"
+    assert (checkpoint / "complete.json").is_file()
+    assert f"SIGTERM received; stopped after step {step}" in err and f"resume={run}" in err
+    assert "Traceback" not in err
+    proc = run_cli([f"resume={run}"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"from step {step}" in proc.stderr
+    expected, got = losses(uninterrupted), losses(run)
+    assert [s for s, _ in got] == [s for s, _ in expected]
+    for (_, a), (_, b) in zip(expected, got):
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (step, expected, got)
+    summary, whole = read_json(run / "summary.json")["metrics"], read_json(uninterrupted / "summary.json")["metrics"]
+    assert abs(summary["train_loss_mean"] - whole["train_loss_mean"]) <= 1e-5
+    assert read_json(run / "manifest.json")["status"] == "succeeded"
+
+
+PPO_KEYS = ("ppo/reward", "ppo/kl", "ppo/kl_coef", "ppo/policy_loss", "ppo/value_loss", "ppo/approx_kl",
+            "ppo/entropy", "ppo/gold_reward")
+
+
+def ppo_args(sft_run: Path, rm_run: Path) -> list[str]:
+    return ["phase=ppo", f"phase.sft_run={sft_run}", f"phase.reward_run={rm_run}", "phase.max_steps=24",
+            "phase.save_steps=4"]
+
+
+def same_ppo_metrics(expected: Path, got: Path) -> None:
+    a, b = read_metrics(expected), read_metrics(got)
+    assert [r["step"] for r in a] == [r["step"] for r in b], "every step logged once, in order"
+    for ra, rb in zip(a, b):
+        for key in ra:
+            if isinstance(ra[key], float):
+                assert abs(ra[key] - rb[key]) <= 1e-5 * max(1.0, abs(ra[key])), (ra["step"], key, ra[key], rb[key])
+
+
+@pytest.fixture(scope="module")
+def ppo_uninterrupted(sft_run, rm_run, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ppo_whole")
+    proc = run_cli([*ppo_args(sft_run, rm_run), f"output_root={root}"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return only_run(root, "ppo")
+
+
+@pytest.mark.slow
+def test_ppo_killed_and_resumed_logs_what_an_uninterrupted_run_logs(tmp_path, sft_run, rm_run, ppo_uninterrupted):
+    """Policy, critic, both optimizers, the adaptive KL controller, the sampling and mini-batch
+    generator and the RNG states all come back: every later step's numbers are the same."""
+    run = killed_run(tmp_path, after_checkpoint=12, args=ppo_args(sft_run, rm_run), phase="ppo")
+    assert not (run / "summary.json").exists()
+    proc = run_cli([f"resume={run}"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "from step 12" in proc.stderr
+    same_ppo_metrics(ppo_uninterrupted, run)
+    steps = [r for r in read_metrics(run) if "ppo/reward" in r]
+    assert len(steps) == 24 and all(k in steps[-1] for k in PPO_KEYS)
+    assert steps[12]["ppo/kl_coef"] != steps[0]["ppo/kl_coef"], "the KL controller's state mattered"
+    summary, whole = read_json(run / "summary.json")["metrics"], read_json(ppo_uninterrupted / "summary.json")["metrics"]
+    assert summary["gold_score"] == whole["gold_score"] and summary["kl_coef_final"] == whole["kl_coef_final"]
+
+
+@pytest.mark.slow
+def test_ppo_stopped_by_sigusr2_saves_its_step_and_resumes_exactly(tmp_path, sft_run, rm_run, ppo_uninterrupted):
+    run, err = signalled_run(tmp_path, '"ppo/reward"', ppo_args(sft_run, rm_run), "ppo", sig=signal.SIGUSR2)
+    manifest = read_json(run / "manifest.json")
+    assert manifest["status"] == "interrupted" and manifest["interrupted"]["signal"] == "SIGUSR2", manifest
+    step = manifest["interrupted"]["step"]
+    assert Path(manifest["interrupted"]["checkpoint"]).name == f"checkpoint-{step}" and "Traceback" not in err
+    proc = run_cli([f"resume={run}"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"from step {step}" in proc.stderr
+    same_ppo_metrics(ppo_uninterrupted, run)
+    assert not (run / "checkpoints" / "trainer").exists() or read_json(run / "summary.json")["metrics"].get("best_checkpoint")
 
 
 @pytest.mark.slow
@@ -115,5 +222,10 @@ def test_resumable_checkpoints_are_checked(compose):
     with pytest.raises(ConfigError, match="checkpoints must fall on evaluations"):
         validate(compose(["phase.save_steps=10", "phase.early_stopping_patience=2"]))
     validate(compose(["phase.save_steps=10", "phase.early_stopping_patience=2", "phase.eval_steps=5"]))
-    with pytest.raises(ConfigError, match="resumable PPO checkpoints are not written yet"):
-        validate(compose(["phase=ppo", "phase.save_steps=10"]))
+    validate(compose(["phase=ppo", "phase.save_steps=10"]))
+    with pytest.raises(ConfigError, match=r"phase.save_minutes=0.0: must be > 0, or null"):
+        validate(compose(["phase.save_minutes=0"]))
+    with pytest.raises(ConfigError, match="launcher.max_num_timeout=3 requeues a job at its time limit, but "
+                                          "phase.save_steps and phase.save_minutes are both null"):
+        validate(compose(["phase.save_minutes=null"]))
+    validate(compose(["phase.save_minutes=null", "launcher.max_num_timeout=0"]))

@@ -265,11 +265,18 @@ class PhaseConfig:
     eval_steps: Optional[int] = None
     # stop after this many evaluations without improvement; 0 = never stop early
     early_stopping_patience: int = 2
-    # a resumable checkpoint (weights, optimizer, scheduler, RNG states, data position) every N steps;
-    # null: none (a killed run starts over)
+    # a resumable checkpoint (weights, optimizer, scheduler, RNG states, data position; PPO: both models,
+    # both optimizers, KL controller, sampling state) every N steps; null: none by step count
     save_steps: Optional[int] = None
-    # resumable checkpoints kept: the newest N (and the best one when early stopping needs it)
+    # ... and every M minutes (also saved when SIGTERM/SIGUSR2 arrives); null with save_steps null: no
+    # resumable checkpoints at all (a killed run starts over, a stop signal just stops)
+    save_minutes: Optional[float] = 30.0
+    # resumable checkpoints kept while training: the newest N plus the best one by the phase's metric
+    # (eval metric; PPO: rollout reward); after success only the best is kept, when it is not the final model
     keep_checkpoints: int = 2
+    # NaN/inf gradients are never applied; this many such batches are skipped (update dropped, logged as
+    # train/skipped_batches) before the run stops with the last good state saved
+    skip_nonfinite_batches: int = 0
     # sampling settings for the gold-score evaluation and PPO rollouts
     max_new_tokens: int = 256
 
@@ -400,10 +407,12 @@ class LauncherConfig:
     array_parallelism: int = 256
     # shell lines run in the sbatch script before the job starts (module load, conda activate)
     setup: list[str] = field(default_factory=list)
-    # seconds before the time limit at which SLURM sends USR2 so the job can checkpoint
+    # seconds before the time limit at which SLURM sends USR2: the job saves a checkpoint at the end of
+    # its current step and requeues itself (allow for one step plus one save)
     signal_delay_s: int = 120
-    # how often a job that hits its time limit or is preempted is requeued
-    max_num_timeout: int = 0
+    # how many times a job that reaches its time limit is requeued to continue from its checkpoint
+    # (preempted jobs are always requeued); 0: a job at its time limit saves and stops
+    max_num_timeout: int = 3
 
 
 # ------------------------------------------------------------------------ pipeline
@@ -477,3 +486,9 @@ def register_configs() -> None:
         cs.store(group=group, name=f"base_{group}", node=schema)
     for name, schema in PHASE_SCHEMAS.items():
         cs.store(group="phase", name=f"base_{name}", node=schema)
+
+
+def resumable_checkpoints(phase) -> bool:
+    """Whether the phase writes resumable checkpoints (by steps, by minutes, or on a stop signal)."""
+    return phase.save_steps is not None or phase.save_minutes is not None
+

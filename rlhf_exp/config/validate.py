@@ -13,7 +13,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from rlhf_exp.config.errors import ConfigError, unknown_key_message
-from rlhf_exp.config.schema import GROUP_SCHEMAS, PHASE_SCHEMAS, RunConfig
+from rlhf_exp.config.schema import GROUP_SCHEMAS, PHASE_SCHEMAS, RunConfig, resumable_checkpoints
 
 BUILTIN_TEMPLATES = ("chatml",)
 
@@ -73,11 +73,14 @@ def validate(cfg: DictConfig) -> None:
     check(0 <= phase.warmup_ratio < 1, f"phase.warmup_ratio={phase.warmup_ratio}: must be in [0, 1)")
     check(phase.early_stopping_patience >= 0, "phase.early_stopping_patience must be >= 0 (0 = never stop early)")
     check(phase.eval_steps is None or phase.eval_steps >= 1, "phase.eval_steps must be >= 1, or null (each epoch)")
-    if phase.get("save_steps") is not None:
-        check(phase.save_steps >= 1 and phase.keep_checkpoints >= 1, "phase.save_steps and phase.keep_checkpoints must be >= 1")
-        check(phase_name != "ppo", "phase.save_steps: resumable PPO checkpoints are not written yet (issue #5); leave it "
-                                   "null for phase=ppo")
-        check(phase.early_stopping_patience == 0 or (phase.eval_steps and phase.save_steps % phase.eval_steps == 0),
+    check(phase.keep_checkpoints >= 1, f"phase.keep_checkpoints={phase.keep_checkpoints}: must be >= 1")
+    check(phase.save_minutes is None or phase.save_minutes > 0,
+          f"phase.save_minutes={phase.save_minutes}: must be > 0, or null (no time-based checkpoints)")
+    check(phase.skip_nonfinite_batches >= 0, f"phase.skip_nonfinite_batches={phase.skip_nonfinite_batches}: must be >= 0")
+    if phase.save_steps is not None:
+        check(phase.save_steps >= 1, f"phase.save_steps={phase.save_steps}: must be >= 1, or null")
+        check(phase_name == "ppo" or phase.early_stopping_patience == 0
+              or (phase.eval_steps and phase.save_steps % phase.eval_steps == 0),
               f"phase.save_steps={phase.save_steps} with early stopping: checkpoints must fall on evaluations; set "
               f"phase.eval_steps to a divisor of it (now {phase.eval_steps}), or phase.early_stopping_patience=0")
     check(str(cfg.resume) in ("auto", "never") or Path(str(cfg.resume)).is_dir(),
@@ -142,9 +145,10 @@ def validate(cfg: DictConfig) -> None:
         check(hw.num_processes <= hw.gpus_per_node,
               f"hardware.num_processes={hw.num_processes} exceeds hardware.gpus_per_node={hw.gpus_per_node}: "
               "use one process per GPU")
-    check(cfg.launcher.max_num_timeout == 0,
-          f"launcher.max_num_timeout={cfg.launcher.max_num_timeout}: requeued jobs cannot resume yet (issue #5), so a "
-          "requeue would start the run again in its own folder; keep 0")
+    check(cfg.launcher.max_num_timeout >= 0, f"launcher.max_num_timeout={cfg.launcher.max_num_timeout}: must be >= 0")
+    check(cfg.launcher.max_num_timeout == 0 or resumable_checkpoints(phase),
+          f"launcher.max_num_timeout={cfg.launcher.max_num_timeout} requeues a job at its time limit, but phase.save_steps "
+          "and phase.save_minutes are both null: a requeued job would start over; set one of them")
     check(not (hw.distributed == "none" and hw.num_processes * hw.num_nodes > 1),
           f"hardware.distributed=none with {hw.num_processes * hw.num_nodes} processes: set hardware.distributed=ddp")
     if hw.lora:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from rlhf_exp.config.schema import RunConfig
+from rlhf_exp.config.schema import RunConfig, resumable_checkpoints
 
 
 def _checkpointing_key() -> str:
@@ -48,7 +48,8 @@ def training_kwargs(cfg: RunConfig, run_dir: Path, has_eval: bool, best_metric: 
     precision = str(hw.precision)
     eval_strategy = ("steps" if phase.eval_steps else "epoch") if has_eval else "no"
     early_stop = has_eval and phase.early_stopping_patience > 0
-    resumable = phase.save_steps is not None
+    resumable = resumable_checkpoints(phase)
+    by_steps = phase.save_steps is not None
     return {
         "output_dir": str(run_dir / "checkpoints" / "trainer"),
         "learning_rate": phase.learning_rate,
@@ -63,14 +64,16 @@ def training_kwargs(cfg: RunConfig, run_dir: Path, has_eval: bool, best_metric: 
         "max_grad_norm": phase.max_grad_norm,
         "logging_steps": phase.logging_steps,
         "logging_first_step": True,
-        # a NaN/inf loss must show (and stop the run), not be averaged away in the logs
-        "logging_nan_inf_filter": False,
+        # a NaN/inf loss must show (and stop the run), not be averaged away in the logs, unless bad
+        # batches are skipped (NonFiniteGuard drops their update; their loss stays out of the average)
+        "logging_nan_inf_filter": phase.skip_nonfinite_batches > 0,
         "eval_strategy": eval_strategy,
         "eval_steps": phase.eval_steps,
-        # resumable checkpoints every save_steps (full state); otherwise only what restoring the best
-        # model after early stopping needs (weights)
-        "save_strategy": "steps" if resumable else eval_strategy if early_stop else "no",
-        "save_steps": phase.save_steps if resumable else phase.eval_steps,
+        # resumable checkpoints (full state) every save_steps, plus those of save_minutes and stop
+        # signals (tracking.checkpoints.Checkpointing); with none, only what restoring the best model
+        # after early stopping needs (weights)
+        "save_strategy": "steps" if by_steps else eval_strategy if early_stop else "no",
+        "save_steps": phase.save_steps if by_steps else phase.eval_steps,
         "save_total_limit": phase.keep_checkpoints if resumable else 2 if early_stop else None,
         "save_only_model": not resumable,
         "load_best_model_at_end": early_stop,

@@ -13,12 +13,15 @@ def main(argv: list[str]) -> int:
     from rlhf_exp.cli import EXIT_CONFIG_ERROR, execute
     from rlhf_exp.config.errors import ConfigError
     from rlhf_exp.launch.distributed import LAUNCH_DIR, mark_failed, rank
+    from rlhf_exp.launch.signals import GUARD, Interrupted
 
     run_dir = Path(argv[0])
     with open(run_dir / LAUNCH_DIR / "config.pkl", "rb") as f:
         launch = pickle.load(f)
     try:
         execute(launch["cfg"], run_dir, launch["resume"])
+    except Interrupted as exc:
+        GUARD.hand_over(exc, rank(), run_dir)
     except ConfigError as exc:
         print(f"rlhf_exp: error (rank {rank()}): {exc}", file=sys.stderr)
         mark_failed(run_dir, f"rank {rank()}: {exc}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +83,7 @@ class PPOTrainer:
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)  # prompt picks and mini-batch order
         self.steps_done = 0
+        self.skipped = 0  # mini-batches whose NaN/inf update was dropped
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         self.kl_ctl = core.kl_controller(str(phase.kl_ctrl), phase.kl_coef, phase.kl_target, phase.kl_horizon)
         for model in (policy, critic):
@@ -97,6 +99,7 @@ class PPOTrainer:
             if frozen is not None:
                 frozen.requires_grad_(False).eval().to(self.device)
         self.reward_model = reward_model
+        accelerator.register_for_checkpointing(self)
 
     # -- rollout -------------------------------------------------------------------------------
     def _reference_logprobs(self, ids, attn, prompt_len):
@@ -184,7 +187,7 @@ class PPOTrainer:
         stop = False
         for _ in range(phase.ppo_epochs):
             order = torch.randperm(batch, generator=self.generator)
-            for minibatch in order.chunk(phase.num_mini_batches):
+            for minibatch_index, minibatch in enumerate(order.chunk(phase.num_mini_batches), start=1):
                 # each process takes its share of the mini-batch; dividing by the whole mini-batch's token
                 # count (over the number of processes, which DDP's gradient averaging multiplies back)
                 # makes the update the one a single process computes on the whole mini-batch
@@ -198,6 +201,8 @@ class PPOTrainer:
                 self.policy_opt.zero_grad()
                 self.critic_opt.zero_grad()
                 self.accelerator.backward(pl.loss + phase.vf_coef * vl)
+                if self._nonfinite(minibatch_index):  # its update is dropped, or the run stops
+                    continue
                 self.accelerator.clip_grad_norm_(self.policy.parameters(), phase.max_grad_norm)
                 self.accelerator.clip_grad_norm_(self.critic.parameters(), phase.max_grad_norm)
                 self.policy_opt.step()
@@ -218,7 +223,7 @@ class PPOTrainer:
         mean_kl = kl.sum(1).mean().item()  # mean over sequences of the summed per-token KL
         kl_coef = self.kl_ctl.value
         self.kl_ctl.update(mean_kl, n_steps=batch)
-        metrics = {f"ppo/{k}": sum(v) / len(v) for k, v in stats.items()}
+        metrics = {f"ppo/{k}": sum(v) / len(v) for k, v in stats.items() if v}  # none when every update was skipped
         valid = r.mask > 0
         residual_var = torch.var((returns - r.values)[valid])
         metrics.update({
@@ -230,20 +235,87 @@ class PPOTrainer:
             "ppo/explained_variance": 1.0 - (residual_var / torch.var(returns[valid]).clamp(min=1e-8)).item(),
             "ppo/early_stopped_epochs": float(stop),
         })
+        if self.skipped:
+            metrics["ppo/skipped_batches"] = float(self.skipped)
         if self.gold_fn is not None:
             golds = [self.gold_fn(p, t) for p, t in zip(r.prompts, r.texts)]
             metrics["ppo/gold_reward"] = sum(golds) / len(golds)
         return metrics
 
-    def train(self, steps: int, log) -> dict[str, float]:
+    def _nonfinite(self, minibatch: int) -> bool:
+        """NaN/inf gradients (the same on every process: DDP averaged them) are never applied: the
+        mini-batch is skipped while phase.skip_nonfinite_batches allows, else the run stops."""
+        from rlhf_exp.tracking.hf_callback import nonfinite_gradients
+
+        params = [*self.policy.parameters(), *self.critic.parameters()]
+        if not nonfinite_gradients(params):
+            return False
+        where = f"PPO step {self.steps_done + 1}, mini-batch {minibatch}"
+        if self.skipped < self.phase.skip_nonfinite_batches:
+            self.skipped += 1
+            self.policy_opt.zero_grad()
+            self.critic_opt.zero_grad()
+            if self.accelerator.is_main_process:
+                print(f"rlhf_exp: warning: NaN/inf gradients in {where}: its update is skipped ({self.skipped} of "
+                      f"phase.skip_nonfinite_batches={self.phase.skip_nonfinite_batches})", file=sys.stderr)
+            return True
+        raise FloatingPointError(
+            f"NaN/inf gradients in {where}: training stopped before applying them (the weights are still finite; "
+            f"the latest complete checkpoint holds the last good step). Lower phase.learning_rate="
+            f"{self.phase.learning_rate:g} or phase.max_grad_norm={self.phase.max_grad_norm:g}, or allow skips with "
+            "phase.skip_nonfinite_batches")
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """What accelerate's save_state does not know about: steps done, the picks/mini-batch generator
+        and the KL controller (registered with accelerate, so it lands in every checkpoint)."""
+        return {"steps_done": self.steps_done, "generator": self.generator.get_state(), "kl_ctl": self.kl_ctl.state_dict(),
+                "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps_done = int(state["steps_done"])
+        self.generator.set_state(state["generator"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.skipped = int(state["skipped"])
+
+    def save_checkpoint(self, folder: Path, metric: float) -> None:
+        """Policy, critic, optimizers, RNG states of every process and this trainer's state, written by
+        accelerate; marked complete (file sizes) only once everything is on disk."""
+        from rlhf_exp.launch.signals import GUARD
+        from rlhf_exp.tracking.checkpoints import mark_complete
+
+        self.accelerator.save_state(str(folder))
+        self.accelerator.wait_for_everyone()
+        mark_complete(folder, self.steps_done, metric=metric)
+        GUARD.saved()
+
+    def load_checkpoint(self, folder: Path) -> None:
+        self.accelerator.load_state(str(folder))
+
+    def train(self, steps: int, log, checkpoints: Path | None = None, save_steps: int | None = None,
+              save_minutes: float | None = None, keep: int = 2) -> dict[str, float]:
+        """Steps ``steps_done + 1 .. steps`` (more than 0 done when resumed from a checkpoint). With
+        ``checkpoints`` set, a resumable checkpoint every ``save_steps`` steps / ``save_minutes`` minutes
+        and when a stop signal arrives (then :class:`Interrupted` is raised after the save)."""
+        from rlhf_exp.launch.signals import GUARD, Interrupted
+        from rlhf_exp.tracking.checkpoints import prune
+
         last: dict[str, float] = {}
-        bar = tqdm(range(1, steps + 1), desc="ppo", disable=not self.accelerator.is_main_process)
+        bar = tqdm(range(self.steps_done + 1, steps + 1), desc="ppo", disable=not self.accelerator.is_main_process,
+                   initial=self.steps_done, total=steps)
         for step in bar:
             last = self.step()
             log(last, step)
             bar.set_postfix(reward=f"{last['ppo/reward']:.3f}", kl=f"{last['ppo/kl']:.3f}", refresh=False)
-            if not math.isfinite(last["ppo/policy_loss"]):
+            if not math.isfinite(last.get("ppo/policy_loss", 0.0)):
                 raise FloatingPointError(f"PPO policy loss is {last['ppo/policy_loss']} at step {step}")
+            save, stop = GUARD.poll(save_minutes if checkpoints else None)
+            if checkpoints is not None and (save or (save_steps and step % save_steps == 0)):
+                folder = checkpoints / f"checkpoint-{step}"
+                self.save_checkpoint(folder, metric=last["ppo/reward"])
+                prune(checkpoints, keep)
+            if stop:
+                raise Interrupted(GUARD.signum, step, str(folder) if checkpoints is not None else None)
         return last
 
 

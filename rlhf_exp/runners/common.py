@@ -8,11 +8,12 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from rlhf_exp.config.schema import RunConfig
 from rlhf_exp.data.loading import PhaseData
-from rlhf_exp.tracking.hf_callback import RunLogCallback, rename, summary_key
+from rlhf_exp.tracking.hf_callback import NonFiniteGradients, RunLogCallback, rename, summary_key
 from rlhf_exp.tracking.run import Run, is_main_process
 
 
@@ -65,10 +66,13 @@ def phase_data(cfg: RunConfig, tokenizer, preferences: bool) -> PhaseData:
 def callbacks(cfg: RunConfig, run: Run, data: PhaseData) -> tuple[RunLogCallback, list]:
     from transformers import EarlyStoppingCallback
 
-    from rlhf_exp.tracking.checkpoints import MarkComplete
+    from rlhf_exp.config.schema import resumable_checkpoints
+    from rlhf_exp.tracking.checkpoints import Checkpointing
+    from rlhf_exp.tracking.hf_callback import NonFiniteGuard
 
     log = RunLogCallback(run, perplexity=cfg.phase.name == "sft")
-    extra = [MarkComplete()]
+    extra = [Checkpointing(cfg.phase.save_minutes, resumable_checkpoints(cfg.phase)),
+             NonFiniteGuard(run, cfg.phase.skip_nonfinite_batches)]
     if data.eval is not None and cfg.phase.early_stopping_patience > 0:
         # eval loss and perplexity rank checkpoints identically; stopping on one is stopping on both
         extra.append(EarlyStoppingCallback(early_stopping_patience=cfg.phase.early_stopping_patience))
@@ -121,6 +125,7 @@ def train_and_evaluate(cfg: RunConfig, run: Run, built: Built) -> dict:
     """Train, then evaluate the final (best, when early stopping restored it) model on the eval split."""
     from transformers.trainer_callback import ProgressCallback
 
+    from rlhf_exp.tracking.checkpoints import Checkpointing
     from rlhf_exp.tracking.hf_callback import CompactProgress
 
     trainer, log, metrics = built.trainer, built.log, built.metrics
@@ -131,13 +136,16 @@ def train_and_evaluate(cfg: RunConfig, run: Run, built: Built) -> dict:
         from rlhf_exp.tracking.checkpoints import latest_complete
 
         resume_from = latest_complete(run.checkpoint_dir / "trainer")
-        step = int(resume_from.name.split("-")[1]) if resume_from else 0
-        run.truncate_metrics(step)
+        announce_resume(run, int(resume_from.name.split("-")[1]) if resume_from else 0, resume_from)
         log.history = [r for r in run.previous if any(k.startswith("train/") for k in r)]
-        print(f"rlhf_exp: resuming {run.run_id} from " + (f"step {step} ({resume_from})" if resume_from else
-              "the start: it has no complete checkpoint"), file=sys.stderr)
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, Checkpointing):
+            callback.trainer, callback.resume_from = trainer, resume_from
     start = time.monotonic()
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except NonFiniteGradients as exc:
+        raise save_last_good(trainer, exc) from None
     metrics["train_runtime_s"] = round(time.monotonic() - start, 2)
     metrics["num_processes"] = trainer.accelerator.num_processes  # as accelerate set it up, not as asked
     metrics["steps"] = trainer.state.global_step
@@ -153,16 +161,56 @@ def train_and_evaluate(cfg: RunConfig, run: Run, built: Built) -> dict:
     return metrics
 
 
+def announce_resume(run: Run, step: int, checkpoint) -> None:
+    """Resuming from ``checkpoint`` (of ``step``; None: from the start): metrics after it are dropped."""
+    run.truncate_metrics(step)
+    print(f"rlhf_exp: resuming {run.run_id} from " + (f"step {step} ({checkpoint})" if checkpoint else
+          "the start: it has no complete checkpoint"), file=sys.stderr)
+
+
+def save_last_good(trainer, exc: NonFiniteGradients) -> FloatingPointError:
+    """A step's gradients are NaN/inf and no skips are left: the update was not applied, so the weights
+    are still those of the last good step. Save them as a resumable checkpoint and stop naming it."""
+    from pathlib import Path
+
+    from rlhf_exp.tracking.checkpoints import mark_complete
+
+    step = trainer.state.global_step
+    trainer._save_checkpoint(trainer.model, trial=None)  # transformers' own save: weights, optimizer, RNG, state
+    folder = Path(trainer.args.output_dir) / f"checkpoint-{step}"
+    mark_complete(folder, step)
+    return FloatingPointError(f"{exc}; the last good state (after step {step}) is saved in {folder}; "
+                              "fix the cause, then continue with resume=<this run's folder>")
+
+
+def finish_checkpoints(run: Run, best: Path | None, metric: float | None) -> dict | None:
+    """The run succeeded: its resumable checkpoints are no longer needed, except ``best`` (the best one
+    by the phase's metric, when the final model is not that one). Returns {"path", "metric"} of it."""
+    trainer_dir = run.checkpoint_dir / "trainer"
+    if run.main:
+        for folder in trainer_dir.glob("*"):
+            if best is None or folder.resolve() != Path(best).resolve():
+                shutil.rmtree(folder, ignore_errors=True)
+        if not any(trainer_dir.glob("*")):
+            shutil.rmtree(trainer_dir, ignore_errors=True)
+    return {"path": str(best), "metric": metric} if best is not None else None
+
+
 def save_and_finish(run: Run, built: Built, folder: str = "final", kind: str = "policy") -> dict:
     """Save the model the next phase loads under checkpoints/<folder>/, then write the summary."""
     from rlhf_exp.launch.distributed import SHARDED
     from rlhf_exp.models import save_for_next_phase
 
     trainer = built.trainer if str(run.cfg.hardware.distributed) in SHARDED else None
+    state, args = built.trainer.state, built.trainer.args
     final_dir = save_for_next_phase(built.trainer.model, built.tokenizer, run.checkpoint_dir / folder, kind,
-                                    built.trainer.state.global_step, run.run_id, trainer=trainer)
-    if run.main:
-        shutil.rmtree(run.checkpoint_dir / "trainer", ignore_errors=True)  # the best weights are in final_dir
+                                    state.global_step, run.run_id, trainer=trainer)
+    # the final model is the best one when early stopping restored it; else the best checkpoint stays
+    best = None if args.load_best_model_at_end else state.best_model_checkpoint
+    kept = finish_checkpoints(run, best, state.best_metric)
+    if kept is not None:
+        built.metrics["best_checkpoint"] = kept["path"]
+        built.metrics[f"best_{args.metric_for_best_model}"] = kept["metric"]
     run.finish(built.metrics, final_dir)
     return built.metrics
 

@@ -1,21 +1,25 @@
-"""Resumable checkpoints: which ones are complete, and which to resume from.
+"""Resumable checkpoints: when they are written, which ones are complete, which to resume from.
 
-The trainers write ``checkpoints/trainer/checkpoint-<step>/`` (weights, optimizer, scheduler, RNG
-states, trainer state). A checkpoint counts only once :class:`MarkComplete` has written its
-``complete.json`` (the size of every file, written last and atomically): a run killed in the middle of
-a save leaves a checkpoint without it, and a file truncated later no longer matches its size. Both are
-skipped with a warning in favour of the previous checkpoint.
+Every phase writes ``checkpoints/trainer/checkpoint-<step>/`` (weights, optimizer, scheduler, RNG
+states, data position; PPO adds its KL controller and sampling state) every ``phase.save_steps``
+steps, every ``phase.save_minutes`` minutes, and when a stop signal arrives (``launch.signals``).
+A checkpoint counts only once :func:`mark_complete` has written its ``complete.json`` (the size of
+every file, written last and atomically): a run killed in the middle of a save leaves a checkpoint
+without it, and a file truncated later no longer matches its size. Both are skipped with a warning in
+favour of the previous checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 
 from transformers import TrainerCallback
 
+from rlhf_exp.launch.signals import GUARD, Interrupted
 from rlhf_exp.tracking.run import is_main_process, write_json_atomic
 
 MARKER = "complete.json"
@@ -26,13 +30,64 @@ def _files(folder: Path) -> dict[str, int]:
             if p.is_file() and p.name != MARKER}
 
 
-class MarkComplete(TrainerCallback):
-    """After the trainer has saved a checkpoint, record it as complete."""
+def mark_complete(folder: Path, step: int, **extra) -> None:
+    """Record ``folder`` as a complete checkpoint of ``step`` (main process; call after every file)."""
+    if is_main_process() and folder.is_dir():
+        write_json_atomic(folder / MARKER, {"step": step, **extra, "files": _files(folder)})
+
+
+class Checkpointing(TrainerCallback):
+    """For the TRL trainers: time-based saves, saves asked for by a stop signal, the completion marker,
+    and the loss-logging window. transformers' resume starts a fresh window (train/loss averages only
+    the steps since the resume, and the run's mean loss only those) and so would log other numbers
+    than an uninterrupted run whenever a checkpoint falls between two logs; each checkpoint therefore
+    carries the window (``loss_window_<rank>.json``) and a resumed run starts from it. With
+    ``resumable`` false (no save_steps/save_minutes) a stop signal stops without saving."""
+
+    def __init__(self, save_minutes: float | None, resumable: bool):
+        self.save_minutes, self.resumable = save_minutes, resumable
+        self.stopping = False
+        self.trainer = None  # set by the runner once the trainer exists
+        self.resume_from: Path | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        window = self.resume_from / f"loss_window_{_rank()}.json" if self.resume_from else None
+        if window is not None and window.is_file() and self.trainer is not None:
+            import torch
+
+            saved = json.loads(window.read_text())
+            self.trainer._tr_loss = torch.tensor(saved["tr_loss"], device=args.device)
+            self.trainer._total_loss_scalar = saved["total_loss_scalar"]
+            self.trainer._globalstep_last_logged = saved["last_logged"]
+            self.trainer._initial_global_step = 0  # the run's mean loss counts every step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        save, stop = GUARD.poll(self.save_minutes)
+        if stop and not self.resumable:
+            raise Interrupted(GUARD.signum, state.global_step, None)
+        if save:
+            control.should_save = True
+        self.stopping = stop
 
     def on_save(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if is_main_process() and folder.is_dir():
-            write_json_atomic(folder / MARKER, {"step": state.global_step, "files": _files(folder)})
+        if self.trainer is not None:
+            t = self.trainer
+            folder.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(folder / f"loss_window_{_rank()}.json",
+                              {"tr_loss": float(t._tr_loss), "total_loss_scalar": t._total_loss_scalar,
+                               "last_logged": t._globalstep_last_logged})
+            t.accelerator.wait_for_everyone()  # every rank's file is written before the marker lists them
+        mark_complete(folder, state.global_step)
+        GUARD.saved()
+        if self.stopping:  # raised out of trainer.train(): nothing after the loop runs
+            raise Interrupted(GUARD.signum, state.global_step, str(folder))
+
+
+def _rank() -> int:
+    import os
+
+    return int(os.environ.get("RANK", "0"))
 
 
 def problem(folder: Path) -> str | None:
@@ -48,12 +103,55 @@ def problem(folder: Path) -> str | None:
     return None
 
 
+def checkpoints(trainer_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every checkpoint folder under ``trainer_dir``, newest first."""
+    found = [(int(m.group(1)), p) for p in trainer_dir.glob("checkpoint-*") if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))]
+    return sorted(found, reverse=True)
+
+
 def latest_complete(trainer_dir: Path) -> Path | None:
     """The newest complete checkpoint under ``trainer_dir``; incomplete ones are skipped with a warning."""
-    found = [(int(m.group(1)), p) for p in trainer_dir.glob("checkpoint-*") if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))]
-    for _, folder in sorted(found, reverse=True):
+    for _, folder in checkpoints(trainer_dir):
         why = problem(folder)
         if why is None:
             return folder
         print(f"rlhf_exp: warning: skipping checkpoint {folder} ({why}); trying the one before", file=sys.stderr)
     return None
+
+
+def metric_of(folder: Path) -> float | None:
+    marker = folder / MARKER
+    return json.loads(marker.read_text()).get("metric") if marker.is_file() else None
+
+
+def prune(trainer_dir: Path, keep: int, greater_is_better: bool = True) -> None:
+    """Keep the newest ``keep`` complete checkpoints plus the best one by the metric recorded in their
+    marker; delete the rest (incomplete ones too, unless newer than every complete one: a save may be
+    under way). Main process only."""
+    if not is_main_process():
+        return
+    found = checkpoints(trainer_dir)
+    complete = [p for _, p in found if problem(p) is None]
+    kept = set(complete[:keep])
+    best = best_checkpoint(complete, greater_is_better)
+    if best is not None:
+        kept.add(best)
+    newest = complete[0] if complete else None
+    for step, folder in found:
+        if folder in kept or (newest is not None and step > int(newest.name.split("-")[1])):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def best_checkpoint(folders: list[Path], greater_is_better: bool = True) -> Path | None:
+    scored = [(m, f) for f in folders if (m := metric_of(f)) is not None]
+    if not scored:
+        return None
+    return (max if greater_is_better else min)(scored, key=lambda mf: mf[0])[1]
+
+
+def best_unless_final(trainer_dir: Path, final_step: int, greater_is_better: bool = True) -> Path | None:
+    """The best complete checkpoint by its recorded metric; None when that is the final step's (the
+    final model is then the best one) or when none recorded a metric."""
+    best = best_checkpoint([p for _, p in checkpoints(trainer_dir) if problem(p) is None], greater_is_better)
+    return None if best is None or best.name == f"checkpoint-{final_step}" else best

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
@@ -90,3 +91,45 @@ class CompactProgress(ProgressCallback):
         if evals:
             shown = ", ".join(f"{k} {v:.4g}" for k, v in list(evals.items())[:4])
             self.training_bar.write(f"step {state.global_step} eval: {shown}")
+
+
+class NonFiniteGradients(FloatingPointError):
+    """A step's gradients hold NaN/inf (raised before the optimizer applies them)."""
+
+
+def nonfinite_gradients(params) -> bool:
+    """True when any gradient holds NaN/inf (one device sync for all of them). Parameters without a
+    gradient (frozen, or DeepSpeed's own partitions) are skipped."""
+    import torch
+
+    grads = [p.grad for p in params if p.grad is not None]
+    return bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Looks at the gradients before each optimizer step. NaN/inf ones are never applied: while
+    ``phase.skip_nonfinite_batches`` allows, the step's update is dropped (its gradients cleared, so
+    the optimizer leaves every weight and moment as it was) and counted in ``train/skipped_batches``;
+    after that the run stops with the step number and the last good state saved (runners.common)."""
+
+    def __init__(self, run, skips_allowed: int):
+        self.run, self.skips_allowed, self.skipped = run, skips_allowed, 0
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if not nonfinite_gradients(params):
+            return
+        step = state.global_step + 1
+        if self.skipped < self.skips_allowed:
+            self.skipped += 1
+            for p in params:
+                p.grad = None
+            if state.is_world_process_zero:
+                print(f"rlhf_exp: warning: NaN/inf gradients in step {step}: its update is skipped "
+                      f"({self.skipped} of phase.skip_nonfinite_batches={self.skips_allowed})", file=sys.stderr)
+                self.run.log({"train/skipped_batches": float(self.skipped)}, step=step)
+            return
+        raise NonFiniteGradients(
+            f"NaN/inf gradients in step {step} (after {self.skipped} skipped): training stopped before applying "
+            f"them. Lower phase.learning_rate={args.learning_rate:g} or phase.max_grad_norm={args.max_grad_norm:g}, "
+            f"or allow skips with phase.skip_nonfinite_batches")

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from rlhf_exp.launch.signals import Interrupted
 from rlhf_exp.tracking.lineage import PARENTS, lineage_keys
 from rlhf_exp.tracking.secrets import scrub, scrub_files
 
@@ -162,6 +164,10 @@ class Run:
         try:
             failed = exc_type is not None or not self._summary_written
             self.manifest["status"] = "failed" if failed else "succeeded"
+            if isinstance(exc, Interrupted):  # a checkpoint was saved: resume=auto/<folder> continues it
+                self.manifest["status"] = "interrupted"
+                self.manifest["interrupted"] = {"signal": signal.Signals(exc.signum).name, "step": exc.step,
+                                                "checkpoint": exc.checkpoint, "time": now_iso()}
             if exc is not None:
                 self.manifest["error"] = scrub(f"{exc_type.__name__}: {exc}")[:2000]
             elif not self._summary_written:
