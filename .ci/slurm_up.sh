@@ -59,7 +59,9 @@ SlurmctldPort=6817
 SlurmdPort=6818
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$SOCK
+# cred_expire also sets how long a requeued job waits before it may start again (default 120 s);
+# the preemption test requeues jobs
+AuthInfo=socket=$SOCK,cred_expire=20
 StateSaveLocation=$BASE/state/slurmctld
 SlurmdSpoolDir=$BASE/state/slurmd
 SlurmctldPidFile=$BASE/run/slurmctld.daemon.pid

@@ -238,8 +238,11 @@ def execute(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
     runner = get_runner(cfg.phase.name)
     typed = OmegaConf.to_object(cfg)
     GUARD.install()  # from here SIGTERM/SIGUSR2 mean: checkpoint at the end of the step, then stop
-    with Run(run_dir, cfg, parents, resume=resume) as run:
-        return runner(typed, run)
+    try:
+        with Run(run_dir, cfg, parents, resume=resume) as run:
+            return runner(typed, run)
+    finally:
+        GUARD.uninstall()
 
 
 def _pipeline(cfgs: list[DictConfig], flags) -> None:

@@ -47,6 +47,7 @@ class StopGuard:
     def __init__(self) -> None:
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
+        self._handed_back: dict[int, object] = {}
         self._last_save = time.monotonic()
 
     def install(self) -> None:
@@ -60,8 +61,10 @@ class StopGuard:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def uninstall(self) -> None:
+        """Give the signals back to their previous handlers (kept for :meth:`hand_over`)."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._handed_back = dict(self._previous)
         self._previous.clear()
 
     def _handle(self, signum: int, frame) -> None:
@@ -86,8 +89,8 @@ class StopGuard:
 
     def hand_over(self, exc: Interrupted, rank: int, run_dir) -> None:
         """After the run folder recorded the interruption: requeue (submitit) or exit. Never returns."""
-        previous = self._previous.get(exc.signum)
         self.uninstall()
+        previous = self._handed_back.get(exc.signum)
         if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
             if exc.signum == signal.SIGUSR2 and callable(previous) and rank == 0:
                 # submitit's handler: checkpoint() resubmits this Hydra job, `scontrol requeue`, then exit

@@ -8,6 +8,9 @@ launcher hands those fields to submitit's AutoExecutor (its own fields unprefixe
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+
 from omegaconf import DictConfig, OmegaConf
 
 # submitit's own job-start command, as hydra-submitit-launcher's jobs run it
@@ -33,10 +36,28 @@ def sbatch_script(hydra_cfg: DictConfig) -> str:
     import submitit
 
     folder, init, params = executor_parameters(hydra_cfg.launcher)
-    executor = submitit.AutoExecutor(folder=folder, cluster="slurm", **init)
+    with _rendering_without_srun():
+        executor = submitit.AutoExecutor(folder=folder, cluster="slurm", **init)
     executor.update_parameters(**params)
     command = SUBMIT_COMMAND.format(python=sys.executable, folder=executor.folder)
     return executor._executor._make_submission_file_text(command, "0")
+
+
+@contextlib.contextmanager
+def _rendering_without_srun():
+    """submitit refuses to build a SLURM executor where ``srun`` is missing (a laptop preparing a
+    submission); rendering the script needs no SLURM, so the check is lifted while the executor is made."""
+    from submitit.slurm.slurm import SlurmExecutor
+
+    if shutil.which("srun") is not None:
+        yield
+        return
+    original = SlurmExecutor.__dict__["affinity"]
+    SlurmExecutor.affinity = classmethod(lambda cls: 2)
+    try:
+        yield
+    finally:
+        SlurmExecutor.affinity = original
 
 
 def compose_sbatch_script(overrides: list[str]) -> str:

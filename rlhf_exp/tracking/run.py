@@ -133,10 +133,7 @@ class Run:
         }
         write_json_atomic(self.dir / "manifest.json", self.manifest)
         self._metrics_file = open(self.dir / "metrics.jsonl", "a", buffering=1)
-        if self.cfg.logger.name == "wandb":
-            from rlhf_exp.tracking.wandb_sink import WandbSink
-
-            self._sinks.append(WandbSink(self.cfg.logger, self.run_id, self.dir, resolved))
+        self._open_sinks()
         return self
 
     def _reopen(self) -> Run:
@@ -145,9 +142,19 @@ class Run:
         self.manifest.update(status="running", end_time=None)
         self.manifest.pop("error", None)
         self.manifest.setdefault("resumed_at", []).append(now_iso())
+        if _slurm_job() is not None:  # a requeued job: its restart count, perhaps another node
+            self.manifest["slurm"] = _slurm_job()
         write_json_atomic(self.dir / "manifest.json", self.manifest)
         self._metrics_file = open(self.dir / "metrics.jsonl", "a", buffering=1)
+        self._open_sinks(resume=True)
         return self
+
+    def _open_sinks(self, resume: bool = False) -> None:
+        if self.cfg.logger.name == "wandb":
+            from rlhf_exp.tracking.wandb_sink import WandbSink
+
+            resolved = scrub(OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True))
+            self._sinks.append(WandbSink(self.cfg.logger, self.run_id, self.dir, resolved, resume=resume))
 
     def truncate_metrics(self, step: int) -> None:
         """Drop records logged after ``step`` (the checkpoint resumed from): they are logged again."""
@@ -225,7 +232,7 @@ def command_line() -> str:
 
 
 SLURM_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_NODELIST", "SLURM_NTASKS",
-              "SLURM_JOB_PARTITION", "SLURM_JOB_ACCOUNT")
+              "SLURM_JOB_PARTITION", "SLURM_JOB_ACCOUNT", "SLURM_RESTART_COUNT")
 
 
 def _slurm_job() -> dict[str, str] | None:

@@ -39,7 +39,7 @@ def _say(message: str) -> None:
 
 
 class WandbSink:
-    def __init__(self, logger_cfg, run_id: str, run_dir: Path, config: dict[str, Any]):
+    def __init__(self, logger_cfg, run_id: str, run_dir: Path, config: dict[str, Any], resume: bool = False):
         global _warned_offline
         self.run = None
         mode = logger_cfg.mode
@@ -58,6 +58,10 @@ class WandbSink:
                 group=logger_cfg.group,
                 tags=list(logger_cfg.tags),
                 name=run_id,
+                # the W&B run's id is the run id: a resumed run continues the same W&B run (steps it
+                # logs again after its checkpoint, W&B already has, with the same values)
+                id=run_id,
+                resume="allow" if resume else None,
                 dir=str(run_dir),
                 config=config,
                 mode=mode,

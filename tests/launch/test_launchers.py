@@ -77,8 +77,12 @@ def test_sbatch_script_for_a100x8_is_one_task_per_gpu_and_in_readme():
         normalised_script(script)
 
 
-def test_dry_run_shows_the_sbatch_script():
-    proc = run_cli(["launcher=slurm", "hardware=a100x8", "phase=sft", "dry_run=true"])
+@pytest.mark.parametrize("with_slurm", [True, False], ids=["slurm-installed", "no-srun-on-path"])
+def test_dry_run_shows_the_sbatch_script(with_slurm):
+    """Also on a machine without SLURM (a laptop preparing a submission): submitit's srun check is
+    not needed to render the script."""
+    env = None if with_slurm else {"PATH": str(Path(__import__("sys").executable).parent)}
+    proc = run_cli(["launcher=slurm", "hardware=a100x8", "phase=sft", "dry_run=true"], env=env)
     assert proc.returncode == 0, proc.stderr
     assert "#SBATCH --ntasks-per-node=8" in proc.stdout and "launcher  : slurm" in proc.stdout
 

@@ -104,3 +104,46 @@ def test_failing_job_is_reported_not_waited_on(tmp_path, sft_run):
     for job in jobs:
         manifest = read_json(job / "manifest.json")
         assert manifest["status"] == "failed" and manifest["error"], manifest
+
+
+def test_preempted_and_requeued_jobs_finish_like_an_uninterrupted_one(tmp_path, sft_run, rm_run):
+    """Three identical PPO jobs in one array (only the free-form tag differs). One gets USR2 (what
+    SLURM sends signal_delay_s before the time limit, and on preemption): it saves its step and
+    requeues itself through submitit. One is requeued by `scontrol requeue` (SLURM sends SIGTERM): it
+    saves its step and SLURM restarts it. Both continue from their checkpoint in their own folder, and
+    every metric they log equals the uninterrupted job's."""
+    import subprocess as sp
+    import sys
+
+    from tests.conftest import ROOT, read_metrics
+    from tests.test_resume import same_ppo_metrics
+
+    args = ["-m", "launcher=slurm", "phase=ppo", f"phase.sft_run={sft_run}", f"phase.reward_run={rm_run}",
+            "phase.max_steps=40", "phase.save_steps=10", "tag=whole,usr2,requeue", f"output_root={tmp_path}"]
+    proc = sp.Popen([sys.executable, "-m", "rlhf_exp", *args], cwd=ROOT, stdout=sp.PIPE, stderr=sp.PIPE, text=True)
+    jobs: dict[str, object] = {}
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and len(jobs) < 2 and proc.poll() is None:
+        for manifest in tmp_path.glob("sweeps/*/*_ppo/manifest.json"):
+            tag = read_json(manifest)["tag"]
+            metrics = manifest.parent / "metrics.jsonl"
+            if tag in ("usr2", "requeue") and tag not in jobs and metrics.is_file() and metrics.read_text().count('"ppo/reward"') >= 3:
+                slurm = read_json(manifest)["slurm"]
+                job_id = f"{slurm['array_job_id']}_{slurm['array_task_id']}"  # this task, not the whole array
+                command = ["scancel", "--signal=USR2", job_id] if tag == "usr2" else ["scontrol", "requeue", job_id]
+                sp.run(command, check=True, timeout=30)
+                jobs[tag] = manifest.parent
+        time.sleep(0.1)
+    _, err = proc.communicate(timeout=600)
+    assert len(jobs) == 2, f"the jobs never reached step 3: {err[-3000:]}"
+    assert proc.returncode == 0, err[-3000:]
+    (whole,) = [m.parent for m in tmp_path.glob("sweeps/*/*_ppo/manifest.json") if read_json(m)["tag"] == "whole"]
+    for tag, folder in jobs.items():
+        manifest = read_json(folder / "manifest.json")
+        assert manifest["status"] == "succeeded", (tag, manifest)
+        assert len(manifest["resumed_at"]) == 1 and manifest["slurm"]["restart_count"] == "1", (tag, manifest)
+        assert manifest["interrupted"]["signal"] == {"usr2": "SIGUSR2", "requeue": "SIGTERM"}[tag]
+        steps = [r["step"] for r in read_metrics(folder) if "ppo/reward" in r]
+        assert steps == list(range(1, 41)), (tag, steps)  # each step logged once
+        same_ppo_metrics(whole, folder)
+        assert read_json(folder / "summary.json")["metrics"]["gold_score"] == read_json(whole / "summary.json")["metrics"]["gold_score"]

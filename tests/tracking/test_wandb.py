@@ -75,3 +75,25 @@ def test_error_while_logging_disables_wandb_once(monkeypatch, tmp_path, capsys):
     sink.log({"x": 1.0}, step=1)
     sink.log({"x": 2.0}, step=2)
     assert capsys.readouterr().err.count("disabled after an error") == 1
+
+
+def test_a_resumed_run_continues_its_wandb_run(monkeypatch, tmp_path, compose):
+    """The W&B run's id is the run id; resuming re-attaches to it (resume="allow") and mirrors again."""
+    import json
+
+    from rlhf_exp.tracking.run import Run
+
+    monkeypatch.setattr(wandb_sink, "has_api_key", lambda: True)
+    inits = []
+    fake_wandb(monkeypatch, lambda **kw: inits.append(kw) or FakeRun())
+    cfg = compose(["logger=wandb"])
+    with Run(tmp_path / "run", cfg) as run:
+        run.log({"train/loss": 2.0}, step=1)
+    assert inits[0]["id"] == "run" and inits[0]["resume"] is None
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["status"] == "failed"  # no summary: resumable
+    with Run(tmp_path / "run", cfg, resume=True) as run:
+        run.log({"train/loss": 1.0}, step=2)
+        sink_run = run._sinks[0].run
+    assert inits[1]["id"] == "run" and inits[1]["resume"] == "allow"
+    assert sink_run.logged == [(2, {"train/loss": 1.0})]
