@@ -79,3 +79,42 @@ def test_more_nan_batches_than_allowed_stop_the_run(monkeypatch, compose, tmp_pa
     _, execute = run_with_nan(monkeypatch, compose, tmp_path, {2, 4, 6}, ["phase.skip_nonfinite_batches=2"])
     with pytest.raises(FloatingPointError, match=r"NaN/inf gradients in step 6 \(after 2 skipped\)"):
         execute()
+
+
+def run_ppo_with_nan(monkeypatch, compose, tmp_path, sft_run, rm_run, calls: set[int], overrides: list[str]):
+    """PPO with the policy loss of the chosen mini-batch updates (1-based call count) made NaN."""
+    from rlhf_exp import cli
+    from rlhf_exp.ppo import core, trainer
+
+    original, count = core.clipped_policy_loss, [0]
+
+    def poisoned(*args, **kwargs):
+        stats = original(*args, **kwargs)
+        count[0] += 1
+        if count[0] in calls:
+            stats.loss = stats.loss * math.nan
+        return stats
+
+    monkeypatch.setattr(trainer.core, "clipped_policy_loss", poisoned)
+    cfg = compose(["phase=ppo", f"phase.sft_run={sft_run}", f"phase.reward_run={rm_run}", "phase.max_steps=6",
+                   "phase.save_steps=2", *overrides, f"output_root={tmp_path}"])
+    run_dir = tmp_path / "run"
+    return run_dir, lambda: cli.execute(cfg, run_dir)
+
+
+@pytest.mark.slow
+def test_ppo_nan_updates_are_skipped_while_allowed_then_stop(monkeypatch, compose, tmp_path, sft_run, rm_run, capsys):
+    # the 2nd update is step 1's second mini-batch (conf/recipe/tiny_ppo.yaml: 2 mini-batches per epoch)
+    run_dir, execute = run_ppo_with_nan(monkeypatch, compose, tmp_path / "skip", sft_run, rm_run, {2},
+                                        ["phase.skip_nonfinite_batches=1"])
+    metrics = execute()
+    assert "NaN/inf gradients in PPO step 1, mini-batch 2: its update is skipped (1 of " in capsys.readouterr().err
+    assert metrics["steps"] == 6 and math.isfinite(metrics["kl"])
+    assert [r.get("ppo/skipped_batches") for r in read_metrics(run_dir) if "ppo/reward" in r] == [1.0] * 6
+    assert weights_finite(run_dir / "checkpoints" / "final")
+
+    run_dir, execute = run_ppo_with_nan(monkeypatch, compose, tmp_path / "stop", sft_run, rm_run, {2}, [])
+    with pytest.raises(FloatingPointError, match=r"NaN/inf gradients in PPO step 1, mini-batch 2: training stopped "
+                                                 r"before applying them \(the weights are still finite"):
+        execute()
+    assert json.loads((run_dir / "manifest.json").read_text())["status"] == "failed"

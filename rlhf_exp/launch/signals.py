@@ -62,6 +62,8 @@ class StopGuard:
 
     def uninstall(self) -> None:
         """Give the signals back to their previous handlers (kept for :meth:`hand_over`)."""
+        if not self._previous:
+            return  # not installed, or already given back (execute's finally, then hand_over)
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._handed_back = dict(self._previous)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -280,13 +282,18 @@ class PPOTrainer:
 
     def save_checkpoint(self, folder: Path, metric: float) -> None:
         """Policy, critic, optimizers, RNG states of every process and this trainer's state, written by
-        accelerate; marked complete (file sizes) only once everything is on disk."""
+        accelerate under a temporary name, marked complete (file sizes), then renamed into place."""
         from rlhf_exp.launch.signals import GUARD
         from rlhf_exp.tracking.checkpoints import mark_complete
 
-        self.accelerator.save_state(str(folder))
+        partial = folder.with_name(f".{folder.name}.partial")  # renamed once complete
+        self.accelerator.save_state(str(partial))
         self.accelerator.wait_for_everyone()
-        mark_complete(folder, self.steps_done, metric=metric)
+        mark_complete(partial, self.steps_done, metric=metric)
+        if self.accelerator.is_main_process:
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(partial, folder)
+        self.accelerator.wait_for_everyone()
         GUARD.saved()
 
     def load_checkpoint(self, folder: Path) -> None:

@@ -141,6 +141,8 @@ def prune(trainer_dir: Path, keep: int, greater_is_better: bool = True) -> None:
         if folder in kept or (newest is not None and step > int(newest.name.split("-")[1])):
             continue
         shutil.rmtree(folder, ignore_errors=True)
+    for partial in trainer_dir.glob(".checkpoint-*.partial"):  # left by a save that was killed
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def best_checkpoint(folders: list[Path], greater_is_better: bool = True) -> Path | None:
