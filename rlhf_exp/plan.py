@@ -23,4 +23,15 @@ def print_plan(cfg: DictConfig) -> None:
         f" ({hw.num_nodes} node(s), {hw.num_processes} task(s) and {hw.gpus_per_node} GPU(s) per node, "
         f"partition={launcher.partition}, {launcher.time_min} min)")
     print(f"launcher  : {launcher.name}{where}")
+    if hw.accelerator == "cuda" and launcher.name != "slurm" and not nvidia_gpu_visible():
+        print(f"warning   : hardware={hw.name} needs CUDA GPUs and this machine shows none (no NVIDIA driver): a real "
+              "run here stops at once; use hardware=cpu, or launcher=slurm to run it on GPU nodes")
     print("dry run: nothing loaded, nothing trained.")
+
+
+def nvidia_gpu_visible() -> bool:
+    """A cheap look for an NVIDIA driver (dry runs import no torch): its /proc entry or nvidia-smi."""
+    import os
+    import shutil
+
+    return os.path.exists("/proc/driver/nvidia/version") or shutil.which("nvidia-smi") is not None

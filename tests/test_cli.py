@@ -59,3 +59,13 @@ def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path):
     assert "HEAVY= " in out and "phase     : dpo" in out and "lora=True" in out
     assert "unresolved" in out and "python -m rlhf_exp phase=sft" in out
     assert not list(tmp_path.iterdir()), "a dry run writes nothing"
+
+
+def test_dry_run_of_a_gpu_preset_warns_where_no_gpu_is_seen(tmp_path):
+    from rlhf_exp import plan
+
+    out = probe(["dry_run=true", "hardware=a100x1", "phase=sft", f"output_root={tmp_path}"])
+    assert "HEAVY= " in out, out[-2000:]  # still no ML library imported
+    assert ("warning   : hardware=a100x1 needs CUDA GPUs and this machine shows none" in out) != plan.nvidia_gpu_visible()
+    slurm = probe(["dry_run=true", "hardware=a100x1", "launcher=slurm", f"output_root={tmp_path}"])
+    assert "needs CUDA GPUs" not in slurm  # SLURM runs it on GPU nodes

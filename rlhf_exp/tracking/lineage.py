@@ -93,8 +93,21 @@ def latest_run(output_root: str | Path, phase: str, keys: dict[str, str]) -> dic
     return max(runs, key=lambda m: (m.get("end_time") or "", m["run_id"]), default=None)
 
 
+def _model_data_overrides() -> list[str]:
+    """The command line's model/data overrides (they set the lineage keys a parent must match)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        given = list(HydraConfig.get().overrides.task)
+    except ValueError:  # the entrypoint's checks before Hydra runs: the command line itself
+        given = [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]
+    return [o for o in given if o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] in ("model", "data")
+            and not o.lstrip("+~").startswith(("model=", "data="))]
+
+
 def _make_command(cfg: DictConfig, phase: str) -> str:
-    args = ["python", "-m", "rlhf_exp", f"phase={phase}", f"model={cfg.model.name}", f"data={cfg.data.name}"]
+    args = ["python", "-m", "rlhf_exp", f"phase={phase}", f"model={cfg.model.name}", f"data={cfg.data.name}",
+            *(shlex.quote(o) for o in _model_data_overrides())]
     if str(cfg.output_root) != "outputs":
         args.append(f"output_root={shlex.quote(str(cfg.output_root))}")
     return " ".join(args)
@@ -121,10 +134,12 @@ def resolve_parents(cfg: DictConfig, announce: bool = True) -> list[dict]:
                           and m.get("data") == cfg.data.name]
                 note = (f" ({len(others)} {phase} run(s) of model={cfg.model.name} data={cfg.data.name} exist with "
                         f"other model or data settings; pass one with phase.{key}=<run folder>)") if others else ""
+                given = _model_data_overrides()
+                settings = f" with {' '.join(given)}" if given else " with their default settings"
                 raise ConfigError(
                     f"phase={cfg.phase.name} starts from an {phase} run of model={cfg.model.name} "
-                    f"data={cfg.data.name} with these settings, and there is none under {cfg.output_root}/{note}. "
-                    f"Make one with:\n  {_make_command(cfg, phase)}"
+                    f"data={cfg.data.name}{settings} (every model.* and data.* value must match), and there is "
+                    f"none under {cfg.output_root}/{note}. Make one with:\n  {_make_command(cfg, phase)}"
                 )
             if announce:
                 print(f"rlhf_exp: phase.{key} not given: using {manifest['path']} "

@@ -123,6 +123,15 @@ def test_missing_parent_run_prints_the_command_that_makes_one(tmp_path):
     proc = run_cli(["phase=dpo", f"output_root={tmp_path}"])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"python -m rlhf_exp phase=sft model=tiny data=synthetic output_root={tmp_path}" in proc.stderr
+    assert "with their default settings (every model.* and data.* value must match)" in proc.stderr
+
+
+def test_missing_parent_message_names_the_settings_and_keeps_them_in_the_command(tmp_path):
+    proc = run_cli(["phase=dpo", "data.synthetic.sft_noise_fraction=0.1", "phase.beta=0.2", f"output_root={tmp_path}"])
+    assert proc.returncode == 2
+    assert "an sft run of model=tiny data=synthetic with data.synthetic.sft_noise_fraction=0.1 (every" in proc.stderr
+    assert ("python -m rlhf_exp phase=sft model=tiny data=synthetic data.synthetic.sft_noise_fraction=0.1 "
+            f"output_root={tmp_path}") in proc.stderr  # the phase's own settings are not carried over
 
 
 @pytest.mark.parametrize("args", [["phase=dpo"], ["phase=rm"], ["phase=ppo"], ["hardware=a100x8"],
