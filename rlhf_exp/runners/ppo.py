@@ -22,10 +22,10 @@ def _prompts(cfg: RunConfig, tokenizer) -> tuple[list[str], object]:
 def run(cfg: RunConfig, run: Run) -> dict:
     from accelerate import Accelerator
 
+    from rlhf_exp.config.schema import resumable_checkpoints
     from rlhf_exp.data.synthetic import gold_reward
     from rlhf_exp.models import load_causal_lm, load_reward_model, load_value_model, lora_config, save_for_next_phase
     from rlhf_exp.ppo.trainer import PPOTrainer, frozen_copy, load_reward_stats
-    from rlhf_exp.config.schema import resumable_checkpoints
     from rlhf_exp.runners.common import announce_resume, finish_checkpoints, gold, record_initial_gold, start
     from rlhf_exp.tracking.checkpoints import best_unless_final, latest_complete, metric_of
 

@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from rlhf_exp.launch.signals import StopGuard, Interrupted
+from rlhf_exp.launch.signals import Interrupted, StopGuard
 
 
 def test_a_signal_is_recorded_and_handed_back_to_the_previous_handler(monkeypatch):

@@ -127,7 +127,8 @@ def test_preempted_and_requeued_jobs_finish_like_an_uninterrupted_one(tmp_path, 
         for manifest in tmp_path.glob("sweeps/*/*_ppo/manifest.json"):
             tag = read_json(manifest)["tag"]
             metrics = manifest.parent / "metrics.jsonl"
-            if tag in ("usr2", "requeue") and tag not in jobs and metrics.is_file() and metrics.read_text().count('"ppo/reward"') >= 3:
+            started = metrics.is_file() and metrics.read_text().count('"ppo/reward"') >= 3
+            if tag in ("usr2", "requeue") and tag not in jobs and started:
                 slurm = read_json(manifest)["slurm"]
                 job_id = f"{slurm['array_job_id']}_{slurm['array_task_id']}"  # this task, not the whole array
                 command = ["scancel", "--signal=USR2", job_id] if tag == "usr2" else ["scontrol", "requeue", job_id]
@@ -146,4 +147,5 @@ def test_preempted_and_requeued_jobs_finish_like_an_uninterrupted_one(tmp_path, 
         steps = [r["step"] for r in read_metrics(folder) if "ppo/reward" in r]
         assert steps == list(range(1, 41)), (tag, steps)  # each step logged once
         same_ppo_metrics(whole, folder)
-        assert read_json(folder / "summary.json")["metrics"]["gold_score"] == read_json(whole / "summary.json")["metrics"]["gold_score"]
+        gold = read_json(folder / "summary.json")["metrics"]["gold_score"]
+        assert gold == read_json(whole / "summary.json")["metrics"]["gold_score"]
