@@ -51,7 +51,8 @@ def weights_finite(folder) -> bool:
 def test_nan_gradients_stop_the_run_with_the_last_good_state_saved(monkeypatch, compose, tmp_path):
     run_dir, execute = run_with_nan(monkeypatch, compose, tmp_path, {7}, [])
     with pytest.raises(FloatingPointError, match=r"NaN/inf gradients in step 7 \(after 0 skipped\): training stopped "
-                                                 r"before applying them.*the last good state \(after step 6\) is saved in "):
+                                                 r"before applying them.*The last good state \(after step 6\) is "
+                                                 r"saved in .*checkpoint-6 \(resumable\)"):
         execute()
     checkpoint = run_dir / "checkpoints" / "trainer" / "checkpoint-6"
     assert (checkpoint / "complete.json").is_file() and (checkpoint / "optimizer.pt").is_file()
@@ -115,6 +116,6 @@ def test_ppo_nan_updates_are_skipped_while_allowed_then_stop(monkeypatch, compos
 
     run_dir, execute = run_ppo_with_nan(monkeypatch, compose, tmp_path / "stop", sft_run, rm_run, {2}, [])
     with pytest.raises(FloatingPointError, match=r"NaN/inf gradients in PPO step 1, mini-batch 2: training stopped "
-                                                 r"before applying them \(the weights are still finite"):
+                                                 r"before applying them \(the weights stay finite; nothing is saved now"):
         execute()
     assert json.loads((run_dir / "manifest.json").read_text())["status"] == "failed"

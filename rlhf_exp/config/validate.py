@@ -146,7 +146,7 @@ def validate(cfg: DictConfig) -> None:
               f"hardware.num_processes={hw.num_processes} exceeds hardware.gpus_per_node={hw.gpus_per_node}: "
               "use one process per GPU")
     check(cfg.launcher.max_num_timeout >= 0, f"launcher.max_num_timeout={cfg.launcher.max_num_timeout}: must be >= 0")
-    check(cfg.launcher.max_num_timeout == 0 or resumable_checkpoints(phase),
+    check(cfg.launcher.name != "slurm" or cfg.launcher.max_num_timeout == 0 or resumable_checkpoints(phase),
           f"launcher.max_num_timeout={cfg.launcher.max_num_timeout} requeues a job at its time limit, but phase.save_steps "
           "and phase.save_minutes are both null: a requeued job would start over; set one of them")
     check(not (hw.distributed == "none" and hw.num_processes * hw.num_nodes > 1),

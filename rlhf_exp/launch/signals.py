@@ -32,13 +32,20 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 
 
 class Interrupted(Exception):
-    """A stop request was honoured: a resumable checkpoint of ``step`` is in ``checkpoint``."""
+    """A stop request was honoured: a resumable checkpoint of ``step`` is in ``checkpoint``. ``step``
+    None: the signal came outside the training steps (loading, final evaluation or save), where there
+    is no step boundary to save at; a resumed run continues from the latest complete checkpoint."""
 
-    def __init__(self, signum: int, step: int, checkpoint: str | None):
+    def __init__(self, signum: int, step: int | None, checkpoint: str | None):
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
         name = signal.Signals(signum).name
-        where = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint (resumable checkpoints are off)"
-        super().__init__(f"{name} received; stopped after step {step} with {where}")
+        if step is None:
+            message = f"{name} received outside the training steps; stopped (resuming continues from the latest " \
+                      "complete checkpoint)"
+        else:
+            where = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint (resumable checkpoints are off)"
+            message = f"{name} received; stopped after step {step} with {where}"
+        super().__init__(message)
 
 
 class StopGuard:
@@ -49,6 +56,7 @@ class StopGuard:
         self._previous: dict[int, object] = {}
         self._handed_back: dict[int, object] = {}
         self._last_save = time.monotonic()
+        self.in_training = False
 
     def install(self) -> None:
         import threading
@@ -56,6 +64,7 @@ class StopGuard:
         if threading.current_thread() is not threading.main_thread():
             return  # signals are only delivered to the main thread's handlers
         self.signum = None
+        self.in_training = False
         self._last_save = time.monotonic()
         for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
@@ -70,10 +79,24 @@ class StopGuard:
         self._previous.clear()
 
     def _handle(self, signum: int, frame) -> None:
-        if self.signum is None:
-            self.signum = signum
-            print(f"rlhf_exp: {signal.Signals(signum).name} received: saving a checkpoint at the end of this step, "
-                  "then stopping", file=sys.stderr, flush=True)
+        if self.signum is not None:
+            return
+        self.signum = signum
+        if not self.in_training:  # no step end will come to save at: stop now
+            raise Interrupted(signum, None, None)
+        # os.write, not print: a print interrupted inside another stderr write raises "reentrant call"
+        os.write(2, f"rlhf_exp: {signal.Signals(signum).name} received: saving a checkpoint at the end of this "
+                    "step, then stopping\n".encode())
+
+    def begin_training(self) -> None:
+        """From here to :meth:`end_training` the loops poll at every step end."""
+        self.in_training = True
+
+    def end_training(self) -> None:
+        """The loop is done; a signal it did not act on stops the run now."""
+        self.in_training = False
+        if self.signum is not None:
+            raise Interrupted(self.signum, None, None)
 
     def saved(self) -> None:
         """A checkpoint was just written: the next time-based save is due ``save_minutes`` from now."""
@@ -94,10 +117,13 @@ class StopGuard:
         self.uninstall()
         previous = self._handed_back.get(exc.signum)
         if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
-            if exc.signum == signal.SIGUSR2 and callable(previous) and rank == 0:
+            sys.stderr.flush()
+            if rank != 0:
+                # exit 0: a non-zero exit would make srun (SLURM_KILL_BAD_EXIT=1) kill rank 0 before it requeues
+                os._exit(0)
+            if exc.signum == signal.SIGUSR2 and callable(previous):
                 # submitit's handler: checkpoint() resubmits this Hydra job, `scontrol requeue`, then exit
                 previous(exc.signum, None)
-            sys.stderr.flush()
             os._exit(128 + exc.signum)  # no result: submitit waits for the requeued job
         if rank == 0:
             print(f"rlhf_exp: {exc}. Continue it with: python -m rlhf_exp resume={run_dir}", file=sys.stderr, flush=True)

@@ -74,7 +74,9 @@ def training_kwargs(cfg: RunConfig, run_dir: Path, has_eval: bool, best_metric: 
         # after early stopping needs (weights)
         "save_strategy": "steps" if by_steps else eval_strategy if early_stop else "no",
         "save_steps": phase.save_steps if by_steps else phase.eval_steps,
-        "save_total_limit": phase.keep_checkpoints if resumable else 2 if early_stop else None,
+        # transformers counts the protected best checkpoint inside the limit: one more keeps the newest N
+        # plus the best (with an eval split), and a checkpoint to fall back on while a new one is marked
+        "save_total_limit": (phase.keep_checkpoints + int(has_eval)) if resumable else 2 if early_stop else None,
         "save_only_model": not resumable,
         "load_best_model_at_end": early_stop,
         # early stopping and the restored "best" model follow this metric

@@ -249,6 +249,8 @@ class PPOTrainer:
         mini-batch is skipped while phase.skip_nonfinite_batches allows, else the run stops."""
         from rlhf_exp.tracking.hf_callback import nonfinite_gradients
 
+        if self.accelerator.mixed_precision == "fp16":  # its loss scaler skips overflowing steps itself
+            return False
         params = [*self.policy.parameters(), *self.critic.parameters()]
         if not nonfinite_gradients(params):
             return False
@@ -262,10 +264,10 @@ class PPOTrainer:
                       f"phase.skip_nonfinite_batches={self.phase.skip_nonfinite_batches})", file=sys.stderr)
             return True
         raise FloatingPointError(
-            f"NaN/inf gradients in {where}: training stopped before applying them (the weights are still finite; "
-            f"the latest complete checkpoint holds the last good step). Lower phase.learning_rate="
-            f"{self.phase.learning_rate:g} or phase.max_grad_norm={self.phase.max_grad_norm:g}, or allow skips with "
-            "phase.skip_nonfinite_batches")
+            f"NaN/inf gradients in {where}: training stopped before applying them (the weights stay finite; nothing "
+            f"is saved now: the latest complete checkpoint, if any, is the last good state). Run again with a lower "
+            f"phase.learning_rate={self.phase.learning_rate:g} or phase.max_grad_norm={self.phase.max_grad_norm:g}, or "
+            "allow skips with phase.skip_nonfinite_batches")
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -310,6 +312,7 @@ class PPOTrainer:
         last: dict[str, float] = {}
         bar = tqdm(range(self.steps_done + 1, steps + 1), desc="ppo", disable=not self.accelerator.is_main_process,
                    initial=self.steps_done, total=steps)
+        GUARD.begin_training()
         for step in bar:
             last = self.step()
             log(last, step)
@@ -323,6 +326,7 @@ class PPOTrainer:
                 prune(checkpoints, keep)
             if stop:
                 raise Interrupted(GUARD.signum, step, str(folder) if checkpoints is not None else None)
+        GUARD.end_training()
         return last
 
 

@@ -170,17 +170,20 @@ def announce_resume(run: Run, step: int, checkpoint) -> None:
 
 def save_last_good(trainer, exc: NonFiniteGradients) -> FloatingPointError:
     """A step's gradients are NaN/inf and no skips are left: the update was not applied, so the weights
-    are still those of the last good step. Save them as a resumable checkpoint and stop naming it."""
-    from pathlib import Path
-
-    from rlhf_exp.tracking.checkpoints import mark_complete
+    are still those of the last good step. Save them as a checkpoint and stop, naming it. (Resumable
+    when the phase writes resumable checkpoints; its RNG states are those after the failed step's
+    forward pass, so a resume from it is not bit-exact.)"""
+    from rlhf_exp.tracking.checkpoints import Checkpointing, mark_complete
 
     step = trainer.state.global_step
     trainer._save_checkpoint(trainer.model, trial=None)  # transformers' own save: weights, optimizer, RNG, state
     folder = Path(trainer.args.output_dir) / f"checkpoint-{step}"
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, Checkpointing):
+            callback.write_window(folder)  # (waits for every rank)
     mark_complete(folder, step)
-    return FloatingPointError(f"{exc}; the last good state (after step {step}) is saved in {folder}; "
-                              "fix the cause, then continue with resume=<this run's folder>")
+    what = "weights only: phase.save_minutes/save_steps are off" if trainer.args.save_only_model else "resumable"
+    return FloatingPointError(f"{exc}. The last good state (after step {step}) is saved in {folder} ({what})")
 
 
 def finish_checkpoints(run: Run, best: Path | None, metric: float | None) -> dict | None:
@@ -205,8 +208,11 @@ def save_and_finish(run: Run, built: Built, folder: str = "final", kind: str = "
     state, args = built.trainer.state, built.trainer.args
     final_dir = save_for_next_phase(built.trainer.model, built.tokenizer, run.checkpoint_dir / folder, kind,
                                     state.global_step, run.run_id, trainer=trainer)
-    # the final model is the best one when early stopping restored it; else the best checkpoint stays
+    # the final model is the best one when early stopping restored it or when the best is the last step;
+    # else the best checkpoint stays
     best = None if args.load_best_model_at_end else state.best_model_checkpoint
+    if best is not None and Path(best).name == f"checkpoint-{state.global_step}":
+        best = None
     kept = finish_checkpoints(run, best, state.best_metric)
     if kept is not None:
         built.metrics["best_checkpoint"] = kept["path"]

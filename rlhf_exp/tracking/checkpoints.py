@@ -51,8 +51,9 @@ class Checkpointing(TrainerCallback):
         self.resume_from: Path | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
+        GUARD.begin_training()
         window = self.resume_from / f"loss_window_{_rank()}.json" if self.resume_from else None
-        if window is not None and window.is_file() and self.trainer is not None:
+        if window is not None and window.is_file() and _has_window(self.trainer):
             import torch
 
             saved = json.loads(window.read_text())
@@ -60,6 +61,9 @@ class Checkpointing(TrainerCallback):
             self.trainer._total_loss_scalar = saved["total_loss_scalar"]
             self.trainer._globalstep_last_logged = saved["last_logged"]
             self.trainer._initial_global_step = 0  # the run's mean loss counts every step
+
+    def on_train_end(self, args, state, control, **kwargs):
+        GUARD.end_training()
 
     def on_step_end(self, args, state, control, **kwargs):
         save, stop = GUARD.poll(self.save_minutes)
@@ -71,17 +75,30 @@ class Checkpointing(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if self.trainer is not None:
-            t = self.trainer
-            folder.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(folder / f"loss_window_{_rank()}.json",
-                              {"tr_loss": float(t._tr_loss), "total_loss_scalar": t._total_loss_scalar,
-                               "last_logged": t._globalstep_last_logged})
-            t.accelerator.wait_for_everyone()  # every rank's file is written before the marker lists them
+        self.write_window(folder)
         mark_complete(folder, state.global_step)
         GUARD.saved()
         if self.stopping:  # raised out of trainer.train(): nothing after the loop runs
             raise Interrupted(GUARD.signum, state.global_step, str(folder))
+
+
+    def write_window(self, folder: Path) -> None:
+        """This rank's loss-logging window into ``folder``; returns once every rank has written its own."""
+        if self.trainer is None:
+            return
+        t = self.trainer
+        if _has_window(t):
+            folder.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(folder / f"loss_window_{_rank()}.json",
+                              {"tr_loss": float(t._tr_loss), "total_loss_scalar": t._total_loss_scalar,
+                               "last_logged": t._globalstep_last_logged})
+        t.accelerator.wait_for_everyone()  # every rank's files are written before the marker lists them
+
+
+def _has_window(trainer) -> bool:
+    """transformers' private loss-window attributes (5.2x); without them resume just starts a new window."""
+    return trainer is not None and all(hasattr(trainer, a) for a in ("_tr_loss", "_total_loss_scalar",
+                                                                     "_globalstep_last_logged"))
 
 
 def _rank() -> int:

@@ -116,6 +116,8 @@ class NonFiniteGuard(TrainerCallback):
         self.run, self.skips_allowed, self.skipped = run, skips_allowed, 0
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if args.fp16:  # fp16's loss scaler overflows (inf gradients) by design and skips those steps itself
+            return
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if not nonfinite_gradients(params):
             return
@@ -131,5 +133,5 @@ class NonFiniteGuard(TrainerCallback):
             return
         raise NonFiniteGradients(
             f"NaN/inf gradients in step {step} (after {self.skipped} skipped): training stopped before applying "
-            f"them. Lower phase.learning_rate={args.learning_rate:g} or phase.max_grad_norm={args.max_grad_norm:g}, "
-            f"or allow skips with phase.skip_nonfinite_batches")
+            f"them. Run again with a lower phase.learning_rate={args.learning_rate:g} or phase.max_grad_norm="
+            f"{args.max_grad_norm:g}, or allow skips with phase.skip_nonfinite_batches")
