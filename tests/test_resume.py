@@ -227,5 +227,6 @@ def test_resumable_checkpoints_are_checked(compose):
         validate(compose(["phase.save_minutes=0"]))
     with pytest.raises(ConfigError, match="launcher.max_num_timeout=3 requeues a job at its time limit, but "
                                           "phase.save_steps and phase.save_minutes are both null"):
-        validate(compose(["phase.save_minutes=null"]))
-    validate(compose(["phase.save_minutes=null", "launcher.max_num_timeout=0"]))
+        validate(compose(["phase.save_minutes=null", "launcher=slurm"]))
+    validate(compose(["phase.save_minutes=null", "launcher=slurm", "launcher.max_num_timeout=0"]))
+    validate(compose(["phase.save_minutes=null"]))  # local runs are never requeued
