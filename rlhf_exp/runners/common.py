@@ -125,7 +125,7 @@ def train_and_evaluate(cfg: RunConfig, run: Run, built: Built) -> dict:
     """Train, then evaluate the final (best, when early stopping restored it) model on the eval split."""
     from transformers.trainer_callback import ProgressCallback
 
-    from rlhf_exp.tracking.checkpoints import Checkpointing
+    from rlhf_exp.tracking.checkpoints import of_trainer, step_of
     from rlhf_exp.tracking.hf_callback import CompactProgress
 
     trainer, log, metrics = built.trainer, built.log, built.metrics
@@ -136,11 +136,10 @@ def train_and_evaluate(cfg: RunConfig, run: Run, built: Built) -> dict:
         from rlhf_exp.tracking.checkpoints import latest_complete
 
         resume_from = latest_complete(run.checkpoint_dir / "trainer")
-        announce_resume(run, int(resume_from.name.split("-")[1]) if resume_from else 0, resume_from)
+        announce_resume(run, step_of(resume_from) if resume_from else 0, resume_from)
         log.history = [r for r in run.previous if any(k.startswith("train/") for k in r)]
-    for callback in trainer.callback_handler.callbacks:
-        if isinstance(callback, Checkpointing):
-            callback.trainer, callback.resume_from = trainer, resume_from
+    checkpointing = of_trainer(trainer)
+    checkpointing.trainer, checkpointing.resume_from = trainer, resume_from
     start = time.monotonic()
     try:
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -173,14 +172,12 @@ def save_last_good(trainer, exc: NonFiniteGradients) -> FloatingPointError:
     are still those of the last good step. Save them as a checkpoint and stop, naming it. (Resumable
     when the phase writes resumable checkpoints; its RNG states are those after the failed step's
     forward pass, so a resume from it is not bit-exact.)"""
-    from rlhf_exp.tracking.checkpoints import Checkpointing, mark_complete
+    from rlhf_exp.tracking.checkpoints import mark_complete, of_trainer
 
     step = trainer.state.global_step
     trainer._save_checkpoint(trainer.model, trial=None)  # transformers' own save: weights, optimizer, RNG, state
     folder = Path(trainer.args.output_dir) / f"checkpoint-{step}"
-    for callback in trainer.callback_handler.callbacks:
-        if isinstance(callback, Checkpointing):
-            callback.write_window(folder)  # (waits for every rank)
+    of_trainer(trainer).write_window(folder)  # (waits for every rank)
     mark_complete(folder, step)
     what = "weights only: phase.save_minutes/save_steps are off" if trainer.args.save_only_model else "resumable"
     return FloatingPointError(f"{exc}. The last good state (after step {step}) is saved in {folder} ({what})")

@@ -120,6 +120,16 @@ def problem(folder: Path) -> str | None:
     return None
 
 
+def step_of(folder: Path) -> int:
+    """The step a ``checkpoint-<step>`` folder holds."""
+    return int(folder.name.rsplit("-", 1)[1])
+
+
+def of_trainer(trainer) -> Checkpointing | None:
+    """The :class:`Checkpointing` callback among a TRL trainer's callbacks."""
+    return next((c for c in trainer.callback_handler.callbacks if isinstance(c, Checkpointing)), None)
+
+
 def checkpoints(trainer_dir: Path) -> list[tuple[int, Path]]:
     """(step, folder) of every checkpoint folder under ``trainer_dir``, newest first."""
     found = [(int(m.group(1)), p) for p in trainer_dir.glob("checkpoint-*") if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))]
@@ -153,9 +163,9 @@ def prune(trainer_dir: Path, keep: int, greater_is_better: bool = True) -> None:
     best = best_checkpoint(complete, greater_is_better)
     if best is not None:
         kept.add(best)
-    newest = complete[0] if complete else None
+    newest = step_of(complete[0]) if complete else None
     for step, folder in found:
-        if folder in kept or (newest is not None and step > int(newest.name.split("-")[1])):
+        if folder in kept or (newest is not None and step > newest):
             continue
         shutil.rmtree(folder, ignore_errors=True)
     for partial in trainer_dir.glob(".checkpoint-*.partial"):  # left by a save that was killed
