@@ -167,6 +167,8 @@ def run_job(cfg: DictConfig):
             print_plan(cfg)
             return float("nan") if multirun else None
         distributed.from_submitit()  # one of several SLURM tasks: torch.distributed variables from SLURM's
+        if not distributed.needs_spawn(cfg):  # (spawned workers get their share of the CPUs)
+            distributed.limit_cpu_threads()  # a SLURM task uses the CPUs it was given, not every core
         resume = (run_dir / "manifest.json").exists() and resumable(cfg, run_dir)
         started = True  # from here on the folder is this run's
         if distributed.needs_spawn(cfg):

@@ -80,12 +80,14 @@ def test_sft_killed_and_resumed_logs_what_an_uninterrupted_run_logs(tmp_path, un
     proc = run_cli([f"resume={run}"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "resuming" in proc.stderr and "from step 20" in proc.stderr
+    assert "its previous attempt was killed before it could record how it ended" in proc.stderr
     expected, got = losses(uninterrupted), losses(run)
     assert [s for s, _ in got] == [s for s, _ in expected] == [1, 5, 10, 15, 20, 25, 30, 35, 40]  # no step twice
     for (_, a), (_, b) in zip(expected, got):
         assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (expected, got)
     manifest = read_json(run / "manifest.json")
     assert manifest["status"] == "succeeded" and len(manifest["resumed_at"]) == 1
+    assert manifest["attempts"] == [{"status": "running"}], manifest  # SIGKILLed: it never said how it ended
     summary, whole = read_json(run / "summary.json")["metrics"], read_json(uninterrupted / "summary.json")["metrics"]
     assert abs(summary["eval_loss"] - whole["eval_loss"]) <= 1e-5 and summary["gold_score"] == whole["gold_score"]
     assert summary["gold_score_initial"] == whole["gold_score_initial"]
@@ -101,19 +103,25 @@ def test_sft_stopped_by_sigterm_saves_its_step_and_resumes_exactly(tmp_path, uni
     assert manifest["status"] == "interrupted", manifest
     step, checkpoint = manifest["interrupted"]["step"], Path(manifest["interrupted"]["checkpoint"])
     assert manifest["interrupted"]["signal"] == "SIGTERM" and checkpoint.name == f"checkpoint-{step}"
+    assert manifest["interrupted"]["received"] <= manifest["interrupted"]["time"], manifest  # same timezone
+    assert 0 <= manifest["interrupted"]["seconds"] < 60, manifest
     assert (checkpoint / "complete.json").is_file()
     assert f"SIGTERM received; stopped after step {step}" in err and f"resume={run}" in err
     assert "Traceback" not in err
     proc = run_cli([f"resume={run}"])
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert f"from step {step}" in proc.stderr
+    assert f"from step {step} (" in proc.stderr and "; its previous attempt was stopped by a signal" in proc.stderr
     expected, got = losses(uninterrupted), losses(run)
     assert [s for s, _ in got] == [s for s, _ in expected]
     for (_, a), (_, b) in zip(expected, got):
         assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (step, expected, got)
     summary, whole = read_json(run / "summary.json")["metrics"], read_json(uninterrupted / "summary.json")["metrics"]
     assert abs(summary["train_loss_mean"] - whole["train_loss_mean"]) <= 1e-5
-    assert read_json(run / "manifest.json")["status"] == "succeeded"
+    after = read_json(run / "manifest.json")
+    assert after["status"] == "succeeded" and "interrupted" not in after, after
+    (attempt,) = after["attempts"]
+    assert {k: attempt[k] for k in ("status", "end_time", "interrupted", "error")} == \
+        {k: manifest[k] for k in ("status", "end_time", "interrupted", "error")}, after
 
 
 PPO_KEYS = ("ppo/reward", "ppo/kl", "ppo/kl_coef", "ppo/policy_loss", "ppo/value_loss", "ppo/approx_kl",
@@ -168,7 +176,7 @@ def test_ppo_stopped_by_sigusr2_saves_its_step_and_resumes_exactly(tmp_path, sft
     assert Path(manifest["interrupted"]["checkpoint"]).name == f"checkpoint-{step}" and "Traceback" not in err
     proc = run_cli([f"resume={run}"])
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert f"from step {step}" in proc.stderr
+    assert f"from step {step} (" in proc.stderr and "; its previous attempt was stopped by a signal" in proc.stderr
     same_ppo_metrics(ppo_uninterrupted, run)
     assert not (run / "checkpoints" / "trainer").exists() or read_json(run / "summary.json")["metrics"].get("best_checkpoint")
 

@@ -157,6 +157,34 @@ def from_submitit() -> bool:
     return True
 
 
+def slurm_task_cpus() -> int | None:
+    """The CPUs SLURM allocated to this task (None outside SLURM): ``--cpus-per-task`` when given, else
+    the task's share of the job's CPUs on this node."""
+    if "SLURM_JOB_ID" not in os.environ:
+        return None
+    try:
+        if os.environ.get("SLURM_CPUS_PER_TASK"):
+            return max(1, int(os.environ["SLURM_CPUS_PER_TASK"]))
+        tasks = int(os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0] or 1)
+        return max(1, int(os.environ["SLURM_CPUS_ON_NODE"]) // max(1, tasks))
+    except (KeyError, ValueError):
+        return None
+
+
+def limit_cpu_threads() -> int | None:
+    """Inside a SLURM task, CPU threads (OMP_NUM_THREADS, torch's intra-op threads) = the CPUs SLURM
+    allocated to it, unless OMP_NUM_THREADS is set. Without CPU binding on the cluster (TaskPlugin
+    task/none) each task would otherwise start a thread per core of the node, and jobs sharing a node
+    oversubscribe it (measured: a PPO step then takes several times longer). Returns the count set."""
+    cpus = slurm_task_cpus()
+    if cpus is None or "OMP_NUM_THREADS" in os.environ:
+        return None
+    os.environ["OMP_NUM_THREADS"] = str(cpus)
+    if "torch" in sys.modules:  # read at import; already imported: set it directly
+        sys.modules["torch"].set_num_threads(cpus)
+    return cpus
+
+
 def needs_spawn(cfg: DictConfig) -> bool:
     """This process must start the workers: the preset wants several and none is running yet."""
     return world_size(cfg) > 1 and "RANK" not in os.environ and "WORLD_SIZE" not in os.environ
@@ -177,7 +205,8 @@ def spawn_workers(cfg: DictConfig, run_dir: Path, resume: bool = False) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
            "--max-restarts=0", "-m", "rlhf_exp.launch.worker", str(run_dir)]
     env = {**os.environ, "RLHF_EXP_COMMAND": command_line(),
-           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))}
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS",
+                                             str(max(1, (slurm_task_cpus() or os.cpu_count() or 1) // n)))}
     print(f"rlhf_exp: starting {n} worker processes (torchrun, {cfg.hardware.accelerator}"
           f"{', gloo' if cfg.hardware.accelerator == 'cpu' else ''}) for {run_dir}", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, env=env)

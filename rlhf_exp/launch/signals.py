@@ -53,6 +53,7 @@ class StopGuard:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.received: float | None = None  # time.time() when the signal arrived
         self._previous: dict[int, object] = {}
         self._handed_back: dict[int, object] = {}
         self._last_save = time.monotonic()
@@ -64,6 +65,7 @@ class StopGuard:
         if threading.current_thread() is not threading.main_thread():
             return  # signals are only delivered to the main thread's handlers
         self.signum = None
+        self.received = None
         self.in_training = False
         self._last_save = time.monotonic()
         for sig in STOP_SIGNALS:
@@ -82,6 +84,7 @@ class StopGuard:
         if self.signum is not None:
             return
         self.signum = signum
+        self.received = time.time()
         if not self.in_training:  # no step end will come to save at: stop now
             raise Interrupted(signum, None, None)
         # os.write, not print: a print interrupted inside another stderr write raises "reentrant call"
@@ -109,7 +112,7 @@ class StopGuard:
         if _world() > 1:
             stop, due, signum = _agree(stop, due, self.signum or 0)
             if stop and self.signum is None:  # another rank got the signal first
-                self.signum = signum
+                self.signum, self.received = signum, time.time()
         return stop or due, stop
 
     def hand_over(self, exc: Interrupted, rank: int, run_dir) -> None:

@@ -163,8 +163,13 @@ def train_and_evaluate(cfg: RunConfig, run: Run, built: Built) -> dict:
 def announce_resume(run: Run, step: int, checkpoint) -> None:
     """Resuming from ``checkpoint`` (of ``step``; None: from the start): metrics after it are dropped."""
     run.truncate_metrics(step)
+    previous = (run.manifest.get("attempts") or [{}])[-1]
+    how = {"interrupted": "was stopped by a signal", "failed": "failed",
+           "running": "was killed before it could record how it ended (SIGKILL, out of memory, a lost node)"}
     print(f"rlhf_exp: resuming {run.run_id} from " + (f"step {step} ({checkpoint})" if checkpoint else
-          "the start: it has no complete checkpoint"), file=sys.stderr)
+          "the start: it has no complete checkpoint") +
+          (f"; its previous attempt {how[previous['status']]}" if previous.get("status") in how else ""),
+          file=sys.stderr)
 
 
 def save_last_good(trainer, exc: NonFiniteGradients) -> FloatingPointError:

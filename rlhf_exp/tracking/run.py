@@ -28,7 +28,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf_exp.launch.signals import Interrupted
+from rlhf_exp.launch.signals import GUARD, Interrupted
 from rlhf_exp.tracking.lineage import PARENTS, lineage_keys
 from rlhf_exp.tracking.secrets import scrub, scrub_files
 
@@ -36,7 +36,11 @@ VOLATILE_KEYS = ("output_root", "dry_run", "tag", "resume")
 
 
 def now_iso() -> str:
-    return dt.datetime.now(dt.timezone.utc).astimezone().isoformat(timespec="seconds")
+    return iso_of(dt.datetime.now().timestamp())
+
+
+def iso_of(timestamp: float) -> str:
+    return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc).astimezone().isoformat(timespec="seconds")
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -127,6 +131,7 @@ class Run:
             "host": socket.gethostname(),
             "launcher": str(self.cfg.launcher.name) if "launcher" in self.cfg else None,
             "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+            "cpu_threads": _cpu_threads(),
             "slurm": _slurm_job(),
             "python": platform.python_version(),
             "tag": scrub(self.cfg.get("tag")),
@@ -139,8 +144,11 @@ class Run:
     def _reopen(self) -> Run:
         """Resume: the manifest says running again (with when it resumed); metrics are appended."""
         self.manifest = json.loads((self.dir / "manifest.json").read_text())
+        # how the previous attempt ended; "running" means it was killed before it could say (SIGKILL, node loss)
+        previous = {"status": self.manifest.get("status"), "end_time": self.manifest.get("end_time"),
+                    "interrupted": self.manifest.pop("interrupted", None), "error": self.manifest.pop("error", None)}
+        self.manifest.setdefault("attempts", []).append({k: v for k, v in previous.items() if v is not None})
         self.manifest.update(status="running", end_time=None)
-        self.manifest.pop("error", None)
         self.manifest.setdefault("resumed_at", []).append(now_iso())
         if _slurm_job() is not None:  # a requeued job: its restart count, perhaps another node
             self.manifest["slurm"] = _slurm_job()
@@ -173,8 +181,12 @@ class Run:
             self.manifest["status"] = "failed" if failed else "succeeded"
             if isinstance(exc, Interrupted):  # a checkpoint was saved: resume=auto/<folder> continues it
                 self.manifest["status"] = "interrupted"
-                self.manifest["interrupted"] = {"signal": signal.Signals(exc.signum).name, "step": exc.step,
-                                                "checkpoint": exc.checkpoint, "time": now_iso()}
+                # received -> time: how long the stop took; under SLURM it must fit in KillWait after SIGTERM
+                stopped = dt.datetime.now().timestamp()
+                received = GUARD.received or stopped
+                self.manifest["interrupted"] = {
+                    "signal": signal.Signals(exc.signum).name, "step": exc.step, "checkpoint": exc.checkpoint,
+                    "received": iso_of(received), "time": iso_of(stopped), "seconds": round(stopped - received, 2)}
             if exc is not None:
                 self.manifest["error"] = scrub(f"{exc_type.__name__}: {exc}")[:2000]
             elif not self._summary_written:
@@ -215,6 +227,13 @@ class Run:
                 sink.summary(summary["metrics"])
         self._summary_written = True
         return summary
+
+
+def _cpu_threads() -> int:
+    """torch's intra-op CPU threads in this process (under SLURM: the CPUs allocated to the task)."""
+    import torch
+
+    return torch.get_num_threads()
 
 
 def run_id_of(run_dir: Path) -> str:

@@ -303,3 +303,30 @@ def test_an_optuna_dry_run_explains_itself(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "an Optuna search picks its trials from results as they come" in proc.stdout
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("env, threads", [
+    ({"SLURM_JOB_ID": "7", "SLURM_CPUS_ON_NODE": "8", "SLURM_NTASKS_PER_NODE": "2"}, 4),
+    ({"SLURM_JOB_ID": "7", "SLURM_CPUS_ON_NODE": "8", "SLURM_CPUS_PER_TASK": "3"}, 3),
+    ({"SLURM_JOB_ID": "7", "SLURM_CPUS_ON_NODE": "1"}, 1),
+    ({"SLURM_JOB_ID": "7", "SLURM_CPUS_ON_NODE": "8", "OMP_NUM_THREADS": "5"}, None),  # the user's setting wins
+    ({}, None),  # not a SLURM job: torch's own default
+])
+def test_a_slurm_task_uses_the_cpus_it_was_given(monkeypatch, env, threads):
+    import os
+
+    from rlhf_exp.launch import distributed
+
+    for key in ("SLURM_JOB_ID", "SLURM_CPUS_ON_NODE", "SLURM_NTASKS_PER_NODE", "SLURM_CPUS_PER_TASK", "OMP_NUM_THREADS"):
+        monkeypatch.setenv(key, "")  # so that monkeypatch restores it, even when set by the code under test
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    try:
+        assert distributed.limit_cpu_threads() == threads
+        assert torch.get_num_threads() == (threads or before)
+        assert os.environ.get("OMP_NUM_THREADS") == env.get("OMP_NUM_THREADS", str(threads) if threads else None)
+    finally:
+        torch.set_num_threads(before)

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -58,6 +60,11 @@ def test_kl_sweep_runs_every_job_under_slurm(tmp_path, sft_run, rm_run):
         assert summary["metrics"]["steps"] == 3
         coefs.add(OmegaConf.load(job / "config.yaml").phase.kl_coef)
     assert coefs == {0.02, 0.1, 0.5} and tasks == {"0", "1", "2"}
+    # each job used the CPUs SLURM gave it (one core by default), not a thread per core of the node
+    per_core = re.search(r"ThreadsPerCore=(\d+)", subprocess.run(["scontrol", "show", "node"], capture_output=True,
+                                                                 text=True, check=True).stdout)
+    if "OMP_NUM_THREADS" not in os.environ:  # (an exported one is the user's choice, and wins)
+        assert {read_json(j / "manifest.json")["cpu_threads"] for j in jobs} == {int(per_core.group(1))}
     assert len({read_json(j / "manifest.json")["slurm"]["array_job_id"] for j in jobs}) == 1  # one job array
     # the script SLURM ran is the one `dry_run=true` renders for the same settings (less the array line)
     (submitted,) = sweep.glob(".submitit/*/*_submission.sh")
@@ -141,11 +148,25 @@ def test_preempted_and_requeued_jobs_finish_like_an_uninterrupted_one(tmp_path, 
     (whole,) = [m.parent for m in tmp_path.glob("sweeps/*/*_ppo/manifest.json") if read_json(m)["tag"] == "whole"]
     for tag, folder in jobs.items():
         manifest = read_json(folder / "manifest.json")
-        assert manifest["status"] == "succeeded", (tag, manifest)
-        assert len(manifest["resumed_at"]) == 1 and manifest["slurm"]["restart_count"] == "1", (tag, manifest)
-        assert manifest["interrupted"]["signal"] == {"usr2": "SIGUSR2", "requeue": "SIGTERM"}[tag]
+        why = (tag, manifest, job_log(folder, manifest))
+        assert manifest["status"] == "succeeded", why
+        assert len(manifest["resumed_at"]) == 1 and manifest["slurm"]["restart_count"] == "1", why
+        # the first attempt honoured the stop (saved its step, recorded it); "running" there would mean SLURM
+        # killed it before (SIGKILL, KillWait seconds after SIGTERM)
+        (first,) = manifest["attempts"]
+        assert first["status"] == "interrupted", why
+        assert first["interrupted"]["signal"] == {"usr2": "SIGUSR2", "requeue": "SIGTERM"}[tag], why
+        assert 0 <= first["interrupted"]["seconds"] < 30, why
         steps = [r["step"] for r in read_metrics(folder) if "ppo/reward" in r]
         assert steps == list(range(1, 41)), (tag, steps)  # each step logged once
         same_ppo_metrics(whole, folder)
         gold = read_json(folder / "summary.json")["metrics"]["gold_score"]
         assert gold == read_json(whole / "summary.json")["metrics"]["gold_score"]
+
+
+def job_log(folder: Path, manifest: dict) -> str:
+    """The tail of a sweep job's submitit stderr (every attempt of a requeued job appends to it)."""
+    slurm = manifest.get("slurm") or {}
+    task = f"{slurm.get('array_job_id')}_{slurm.get('array_task_id')}"
+    logs = sorted(folder.parent.glob(f".submitit/{task}/*_log.err"))
+    return "".join(log.read_text(errors="replace") for log in logs)[-4000:] or f"no submitit log for {task}"
