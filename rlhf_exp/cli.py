@@ -167,8 +167,6 @@ def run_job(cfg: DictConfig):
             print_plan(cfg)
             return float("nan") if multirun else None
         distributed.from_submitit()  # one of several SLURM tasks: torch.distributed variables from SLURM's
-        if not distributed.needs_spawn(cfg):  # (spawned workers get their share of the CPUs)
-            distributed.limit_cpu_threads()  # a SLURM task uses the CPUs it was given, not every core
         resume = (run_dir / "manifest.json").exists() and resumable(cfg, run_dir)
         started = True  # from here on the folder is this run's
         if distributed.needs_spawn(cfg):
@@ -232,10 +230,12 @@ def resumable(cfg: DictConfig, run_dir: Path) -> bool:
 def execute(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
     """Run the phase in this process (one of the workers when there are several): parents, runner,
     the run folder's files (continued when ``resume``). Returns the runner's metrics."""
+    from rlhf_exp.launch.distributed import limit_cpu_threads
     from rlhf_exp.runners import get_runner
     from rlhf_exp.tracking.lineage import resolve_parents
     from rlhf_exp.tracking.run import Run
 
+    limit_cpu_threads()  # a SLURM task uses the CPUs it was given (spawned workers already have their share)
     parents = resolve_parents(cfg, announce=False)
     runner = get_runner(cfg.phase.name)
     typed = OmegaConf.to_object(cfg)

@@ -165,7 +165,7 @@ def slurm_task_cpus() -> int | None:
     try:
         if os.environ.get("SLURM_CPUS_PER_TASK"):
             return max(1, int(os.environ["SLURM_CPUS_PER_TASK"]))
-        tasks = int(os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0] or 1)
+        tasks = int(os.environ.get("SLURM_NTASKS_PER_NODE") or 1)
         return max(1, int(os.environ["SLURM_CPUS_ON_NODE"]) // max(1, tasks))
     except (KeyError, ValueError):
         return None
