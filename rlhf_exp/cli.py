@@ -22,6 +22,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from rlhf_exp.config import paths as config_paths
 from rlhf_exp.config.errors import CONF_DIR, ConfigError, config_groups, group_options, translate
 from rlhf_exp.config.schema import register_configs
 from rlhf_exp.config.validate import validate
@@ -77,13 +78,16 @@ def _phase_choice(overrides: list[str]) -> str | None:
 
 
 def compose(overrides: list[str], config_dir: Path = CONF_DIR) -> DictConfig:
-    """Compose ``conf/config.yaml`` with overrides, raising ConfigError with a readable message."""
+    """Compose ``conf/config.yaml`` with overrides, raising ConfigError with a readable message. The user's
+    config folders (RLHF_EXP_CONFIG_DIR) are searched after ours, as in Hydra's own job."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     # pipeline.<phase>.<key>=v adds to that phase's (free-form) settings; the phase schema checks it later
     overrides = [f"+{o}" if re.match(r"pipeline\.\w+\.\w", o) else o for o in overrides]
+    if not any(o.startswith("hydra.searchpath=") for o in overrides):
+        overrides += config_paths.searchpath_overrides()
     try:
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3", job_name="rlhf_exp"):
@@ -146,6 +150,18 @@ def _hydra_flags(argv: list[str]):
     from hydra._internal.utils import get_args_parser
 
     return get_args_parser().parse_args(argv)
+
+
+def _add_overrides(argv: list[str], extra: list[str]) -> list[str]:
+    """``argv`` with ``extra`` right after its overrides (Hydra's parser takes them as one run of words:
+    ``model=x --cfg job`` + extra must not become ``model=x --cfg job extra``), or first when it has none."""
+    if not extra:
+        return argv
+    overrides = _hydra_flags(argv).overrides  # a command line Hydra's parser refuses stops here, as below
+    n = len(overrides)
+    ends = [i + n for i in range(len(argv) - n + 1) if n and argv[i:i + n] == overrides]
+    at = ends[-1] if ends else 0
+    return argv[:at] + extra + argv[at:]
 
 
 def run_job(cfg: DictConfig):
@@ -314,6 +330,10 @@ def _print_help(overrides: list[str]) -> None:
         options = [o for o in group_options(group) if not o.startswith("base_")]
         if options:  # conf/site/ is empty until a site adds local.yaml
             print(f"{group}: {', '.join(options)}")
+    folders = ", ".join(str(d) for d in config_paths.config_dirs())
+    print(f"\nConfig folders, searched in this order: {folders}\nYour own presets: "
+          f"{config_paths.ENV_VAR}=<folder> or --config-dir <folder> (<folder>/<group>/<option>.yaml, "
+          "<folder>/sweeps/<name>.yaml)")
     print("\n== Config ==  any key below can be overridden (e.g. phase.learning_rate=1e-5)\n")
     print(OmegaConf.to_yaml(cfg))
     print(HELP_FOOTER)
@@ -321,16 +341,18 @@ def _print_help(overrides: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not (CONF_DIR / "config.yaml").is_file():
-        fail(f"no configs at {CONF_DIR}: rlhf_exp runs from a clone of its repository, installed with "
-             "`pip install -e .` (a plain `pip install .` leaves conf/ behind)")
     from rlhf_exp.sweep import expand_sweep
 
     try:
+        argv = config_paths.take_config_dirs(argv)  # --config-dir DIR: into RLHF_EXP_CONFIG_DIR
+        config_paths.check_config_dirs()
         argv = expand_sweep(argv)  # sweep=<name>: the overrides written in sweeps/<name>.yaml
     except ConfigError as exc:
         fail(str(exc))
     argv = _resume_command(argv)
+    # the user's config folders, for Hydra's job as for our preflight; Hydra records it with the job's
+    # Hydra overrides, so a job that composes again elsewhere (SLURM, submitit) searches them too
+    argv = _add_overrides(argv, config_paths.searchpath_overrides())
     flags = _hydra_flags(argv)
     try:
         from rlhf_exp.launch.distributed import refuse_external_launcher
@@ -365,7 +387,7 @@ def main(argv: list[str] | None = None) -> None:
                     print(compose_sbatch_script(flags.overrides))
                 return
             if flags.cfg is None and not any(cfg.dry_run for cfg in cfgs):
-                argv += plan(cfgs)
+                argv = _add_overrides(argv, plan(cfgs))
             if flags.multirun and any(cfg.dry_run for cfg in cfgs) and cfgs[0].launcher.name != "local":
                 # a dry run prints each job's plan here and submits nothing
                 print(f"rlhf_exp: dry run: plans printed here; nothing is submitted to launcher={cfgs[0].launcher.name}",
@@ -376,7 +398,7 @@ def main(argv: list[str] | None = None) -> None:
                     first = _override_variants(flags.overrides, multirun=True)[0]
                     print("sbatch script of the first job (a sweep submits them as one job array):\n")
                     print(compose_sbatch_script(first))
-                argv = [a for a in argv if not a.startswith("launcher=")] + ["launcher=local"]
+                argv = _add_overrides([a for a in argv if not a.startswith("launcher=")], ["launcher=local"])
             if flags.multirun and all(cfg.dry_run for cfg in cfgs):
                 if any(a.startswith("hydra/sweeper=optuna") for a in argv):
                     print("rlhf_exp: dry run: an Optuna search picks its trials from results as they come, so there is "
@@ -385,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
                 # Hydra makes a folder per job even for a dry run: let it make them where they vanish
                 dry_dir = tempfile.mkdtemp(prefix="rlhf_exp_dry_run_")
                 atexit.register(shutil.rmtree, dry_dir, ignore_errors=True)
-                argv.append(f"hydra.sweep.dir={dry_dir}")
+                argv = _add_overrides(argv, [f"hydra.sweep.dir={dry_dir}"])
             if flags.cfg is None and not flags.multirun and cfgs[0].launcher.name != "local":
                 # Hydra hands jobs to a launcher only under --multirun: a single job is a one-job sweep
                 print(f"rlhf_exp: launcher={cfgs[0].launcher.name} submits through Hydra's multirun: this run is a "

@@ -6,6 +6,7 @@ settings are applied the same way for every phase.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import torch
 
 from rlhf_exp.config.errors import ConfigError, hub_unreachable
 from rlhf_exp.config.schema import HardwareConfig, ModelConfig
+from rlhf_exp.tracking.run import is_main_process
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 TINY_VOCAB = ["<pad>", "<bos>", "<eos>", "<unk>", "=", *map(str, range(10))]
@@ -88,11 +90,11 @@ def load_tokenizer(model_cfg: ModelConfig, checkpoint: str | None = None):
     elif model_cfg.source == "embedded":
         tokenizer = build_tiny_tokenizer()
     else:
-        path = model_cfg.path or ""
-        # a hub id is org/name; anything else is a folder, which transformers would misreport as a bad repo id
-        if (path.startswith(("/", ".", "~")) or path.count("/") > 1) and not Path(path).expanduser().is_dir():
-            raise ConfigError(f"model.path={path}: no such folder. Fix the path (a folder saved with save_pretrained, "
-                              "e.g. a run's checkpoints/final), or give a hub id (org/name).")
+        from rlhf_exp.config.validate import missing_model_folder
+
+        problem = missing_model_folder(model_cfg.path)
+        if problem:
+            raise ConfigError(problem)
         try:
             tokenizer = AutoTokenizer.from_pretrained(
                 model_cfg.path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
@@ -100,6 +102,12 @@ def load_tokenizer(model_cfg: ModelConfig, checkpoint: str | None = None):
         except OSError as exc:  # transformers reports unreachable and unknown repos as OSError
             raise hub_unreachable("model.path", model_cfg.path, exc) from exc
         _apply_chat_template(tokenizer, model_cfg)
+    if model_cfg.eos_token and tokenizer.eos_token != model_cfg.eos_token:
+        # a base model whose chat template ends turns with another token than its tokenizer's EOS (Llama 3.1
+        # base: <|end_of_text|> vs <|eot_id|>): answers must end, and generation stop, at the turn's end
+        if model_cfg.eos_token not in tokenizer.get_vocab():
+            raise ConfigError(f"model.eos_token={model_cfg.eos_token}: not a token of {model_cfg.path}'s tokenizer")
+        tokenizer.eos_token = model_cfg.eos_token
     if tokenizer.pad_token is None:
         # Llama 3 and Mistral ship no pad token; padding is masked, so reusing EOS is safe
         tokenizer.pad_token = tokenizer.eos_token
@@ -125,19 +133,52 @@ def load_kwargs(model_cfg: ModelConfig, hardware: HardwareConfig) -> dict[str, A
     return kwargs
 
 
+def from_pretrained(cls, source: str, what: str, **kwargs):
+    """``cls.from_pretrained`` with transformers' load report (a table of UNEXPECTED/MISSING keys, e.g.
+    when a scalar head is put on a language model) replaced by one line of ours saying what was new
+    and what was left unused; a load without surprises says nothing."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = cls.from_pretrained(source, output_loading_info=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(level)
+    line = load_summary(what, source, info)
+    if line and is_main_process():
+        print(line, file=sys.stderr)
+    return model
+
+
+def load_summary(what: str, source: str, info: dict) -> str | None:
+    def names(keys) -> str:
+        keys = sorted(keys)
+        return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+    parts = []
+    if info.get("missing_keys"):
+        parts.append(f"new, randomly initialised: {names(info['missing_keys'])}")
+    if info.get("mismatched_keys"):
+        mismatched = [k[0] if isinstance(k, tuple) else k for k in info["mismatched_keys"]]
+        parts.append(f"re-initialised (shape differs): {names(mismatched)}")
+    if info.get("unexpected_keys"):
+        parts.append(f"left unused from the checkpoint: {names(info['unexpected_keys'])}")
+    return f"rlhf_exp: {what} from {source}: " + "; ".join(parts) if parts else None
+
+
 def load_causal_lm(model_cfg: ModelConfig, hardware: HardwareConfig, tokenizer, checkpoint: str | None = None):
     """Policy weights: a parent run's checkpoint, the embedded model, or the hub/local model."""
     from transformers import AutoModelForCausalLM
 
     if checkpoint is not None:
-        model = AutoModelForCausalLM.from_pretrained(checkpoint, **load_kwargs(model_cfg, hardware))
+        model = from_pretrained(AutoModelForCausalLM, checkpoint, "policy", **load_kwargs(model_cfg, hardware))
     elif model_cfg.source == "embedded":
         model = build_tiny_model(model_cfg, tokenizer)
     else:
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                model_cfg.path, revision=model_cfg.revision, **load_kwargs(model_cfg, hardware)
-            )
+            model = from_pretrained(AutoModelForCausalLM, model_cfg.path, "policy", revision=model_cfg.revision,
+                                    **load_kwargs(model_cfg, hardware))
         except OSError as exc:
             raise hub_unreachable("model.path", model_cfg.path, exc) from exc
     if model.generation_config.pad_token_id is None:
@@ -149,8 +190,8 @@ def load_reward_model(model_cfg: ModelConfig, hardware: HardwareConfig, tokenize
     """A scalar-head sequence classifier initialised from a policy checkpoint (the head is new)."""
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(checkpoint, num_labels=1,
-                                                               **load_kwargs(model_cfg, hardware))
+    model = from_pretrained(AutoModelForSequenceClassification, checkpoint, "reward model", num_labels=1,
+                            **load_kwargs(model_cfg, hardware))
     model.config.pad_token_id = tokenizer.pad_token_id  # the score is read at the last non-pad token
     return model
 
@@ -159,7 +200,8 @@ def load_value_model(model_cfg: ModelConfig, hardware: HardwareConfig, checkpoin
     """PPO's critic: one value per token, initialised from a reward model (its body already reads answers)."""
     from transformers import AutoModelForTokenClassification
 
-    return AutoModelForTokenClassification.from_pretrained(checkpoint, num_labels=1, **load_kwargs(model_cfg, hardware))
+    return from_pretrained(AutoModelForTokenClassification, checkpoint, "value model (critic)", num_labels=1,
+                           **load_kwargs(model_cfg, hardware))
 
 
 def lora_config(model_cfg: ModelConfig, hardware: HardwareConfig, task_type: str = "CAUSAL_LM"):
@@ -192,7 +234,6 @@ def save_for_next_phase(model, tokenizer, path: Path, kind: str, step: int, run_
     import json
     import shutil
 
-    from rlhf_exp.tracking.run import is_main_process
 
     partial = path.with_name(f".{path.name}.partial")
     try:

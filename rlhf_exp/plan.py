@@ -9,7 +9,11 @@ def print_plan(cfg: DictConfig) -> None:
     from rlhf_exp.tracking.lineage import describe_parents
 
     hw = cfg.hardware
-    print(f"phase     : {cfg.phase.name} (lr={cfg.phase.learning_rate}, epochs={cfg.phase.num_epochs}, "
+    from rlhf_exp.config.schema import learning_rate
+
+    lr = learning_rate(cfg.phase, hw)
+    lr_note = " from phase.lora_learning_rate: hardware.lora=true" if lr != cfg.phase.learning_rate else ""
+    print(f"phase     : {cfg.phase.name} (lr={lr}{lr_note}, epochs={cfg.phase.num_epochs}, "
           f"batch={cfg.phase.per_device_train_batch_size}x{cfg.phase.gradient_accumulation_steps})")
     print(f"model     : {cfg.model.name} ({cfg.model.source}{': ' + cfg.model.path if cfg.model.path else ''})")
     print(f"data      : {cfg.data.name} ({cfg.data.source}{': ' + cfg.data.path if cfg.data.path else ''})")
@@ -17,6 +21,7 @@ def print_plan(cfg: DictConfig) -> None:
           f"{hw.precision}, distributed={hw.distributed}, "
           f"lora={hw.lora})")
     print(f"parents   : {describe_parents(cfg)}")
+    print_data(cfg)
     print(f"logger    : {cfg.logger.name}")
     launcher = cfg.launcher
     where = "" if launcher.name == "local" else (
@@ -35,3 +40,42 @@ def nvidia_gpu_visible() -> bool:
     import shutil
 
     return os.path.exists("/proc/driver/nvidia/version") or shutil.which("nvidia-smi") is not None
+
+
+def print_data(cfg: DictConfig) -> None:
+    """The first record as the loader parsed it and the counts per split (read, kept, dropped), from the
+    same loaders the run uses; no tokenizer or model is loaded, so token counts come with the run
+    (data_preview.jsonl). A hub data set by id is not downloaded for a dry run."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from rlhf_exp.data.loading import preference_data, sft_data, synthetic_splits
+
+    data_cfg = OmegaConf.to_object(cfg.data)
+    if data_cfg.source == "hub":
+        from rlhf_exp.data.sources import local_path
+
+        if local_path(data_cfg.path) is None:
+            print(f"records   : not read in a dry run ({data_cfg.path} comes from the hub when the run starts)")
+            return
+    sft = cfg.phase.name == "sft"
+    if data_cfg.source == "synthetic":  # generated in pure Python: no need to import datasets
+        from dataclasses import asdict
+
+        splits = synthetic_splits(data_cfg)
+        train, eval_ = (splits["sft_train"], splits["sft_eval"]) if sft else (splits["pref_train"], splits["pref_eval"])
+        counts = {"train": {"loaded": len(train), "kept": len(train)}, "eval": {"loaded": len(eval_), "kept": len(eval_)}}
+        record = train[0] if sft else {k: v for k, v in asdict(train[0]).items() if not k.startswith("gold")}
+    else:
+        counts = {}
+        record = (sft_data(data_cfg, counts) if sft else preference_data(data_cfg, counts)).train[0]
+    counts = {split: c for split, c in counts.items() if c}
+    first = json.dumps(record, ensure_ascii=False)
+    print(f"records   : {'; '.join(f'{split} {_counts(c)}' for split, c in counts.items())}")
+    print(f"first     : {first if len(first) <= 400 else first[:400] + ' ...'}")
+
+
+def _counts(c: dict) -> str:
+    dropped = ", ".join(f"{n} {why}" for why, n in (c.get("dropped") or {}).items() if n)
+    return f"{c.get('kept')} of {c.get('loaded')} read" + (f" (dropped: {dropped})" if dropped else "")

@@ -1,6 +1,7 @@
 """Sweeps: named sweep files, and a summary of every multirun.
 
-``sweep=<name>`` on the command line stands for the overrides written in ``sweeps/<name>.yaml`` (a Hydra
+``sweep=<name>`` on the command line stands for the overrides written in ``sweeps/<name>.yaml`` (ours, or
+``<folder>/sweeps/<name>.yaml`` in a user's config folder, see rlhf_exp/config/paths.py; a Hydra
 ``_global_`` config: ``override /group: option`` defaults, fixed settings, ``hydra.sweeper`` settings and
 ``hydra.sweeper.params``); the CLI expands it before anything else, so the preflight checks every swept
 value and each job's ``.hydra/overrides.yaml`` and manifest record real values. Overrides given on the
@@ -28,11 +29,12 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf_exp.config.errors import CONF_DIR, ConfigError
+from rlhf_exp.config.errors import ConfigError
+from rlhf_exp.config.paths import SWEEPS_DIR as SWEEPS_DIR  # ours, re-exported
+from rlhf_exp.config.paths import sweep_dirs
 from rlhf_exp.tracking.run import command_line, now_iso, write_json_atomic, write_text_atomic
 from rlhf_exp.tracking.secrets import scrub, scrub_files
 
-SWEEPS_DIR = CONF_DIR.parent / "sweeps"
 # the sweep objective, as the Hydra task returns it: gold score (higher is better), else eval loss (lower)
 OBJECTIVES = (("gold_score", "maximize"), ("eval_loss", "minimize"))
 # metrics shown in the table besides the objective, when jobs have them
@@ -43,7 +45,11 @@ SHOWN_METRICS = ("gold_score", "eval_loss", "eval_accuracy", "eval_rewards_accur
 
 
 def sweep_names() -> list[str]:
-    return sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml"))
+    return sorted({p.stem for folder in sweep_dirs() for p in folder.glob("*.yaml")})
+
+
+def sweep_file(name: str) -> Path | None:
+    return next((folder / f"{name}.yaml" for folder in sweep_dirs() if (folder / f"{name}.yaml").is_file()), None)
 
 
 def _render(value: Any) -> str:
@@ -68,9 +74,10 @@ def _leaves(node: Any, prefix: str) -> list[tuple[str, Any]]:
 
 def sweep_overrides(name: str) -> list[str]:
     """``sweeps/<name>.yaml`` as command-line overrides: group choices, fixed values, then swept params."""
-    path = SWEEPS_DIR / f"{name}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"sweep={name}: no such sweep. Sweeps (in {SWEEPS_DIR}): {', '.join(sweep_names())}")
+    path = sweep_file(name)
+    if path is None:
+        where = ", ".join(str(folder) for folder in sweep_dirs())
+        raise ConfigError(f"sweep={name}: no such sweep. Sweeps (in {where}): {', '.join(sweep_names())}")
     cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     out = []
     for entry in cfg.pop("defaults", []):

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.scaled_fixtures import scaled_model  # noqa: F401  (scaled-down Llama 3.1 / Mistral v0.3 / Qwen2.5)
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 

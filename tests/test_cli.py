@@ -69,3 +69,19 @@ def test_dry_run_of_a_gpu_preset_warns_where_no_gpu_is_seen(tmp_path):
     assert ("warning   : hardware=a100x1 needs CUDA GPUs and this machine shows none" in out) != plan.nvidia_gpu_visible()
     slurm = probe(["dry_run=true", "hardware=a100x1", "launcher=slurm", f"output_root={tmp_path}"])
     assert "needs CUDA GPUs" not in slurm  # SLURM runs it on GPU nodes
+
+
+def test_dry_run_shows_the_first_parsed_record_and_the_counts(tmp_path):
+    out = probe(["dry_run=true", f"output_root={tmp_path}"])
+    assert "HEAVY= " in out and "records   : train 4096 of 4096 read; eval 256 of 256 read" in out
+    assert 'first     : {"prompt": "' in out and " =" in out  # the plain form: "d d d d d ="
+    hh = tmp_path / "hh.jsonl"
+    turn = "\\n\\nHuman: Hi\\n\\nAssistant:"
+    hh.write_text("".join(f'{{"chosen": "{turn} Hello {i}.", "rejected": "{turn} Go away."}}\n' for i in range(20))
+                  + f'{{"chosen": "{turn} Same.", "rejected": "{turn} Same."}}\n')
+    out = probe(["dry_run=true", "phase=dpo", "model=local", "model.path=org/any", "data=jsonl", f"data.train_file={hh}",
+                 "phase.sft_run=none", f"output_root={tmp_path}"])
+    assert "records   : train 19 of 20 read (dropped: 1 identical_pair); eval 1 of 1 read" in out, out[-1500:]
+    assert 'first     : {"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant"' in out
+    assert "HEAVY=datasets " in out  # local files are read with the run's own loaders; no torch
+    assert not list(tmp_path.glob("runs"))

@@ -90,3 +90,54 @@ def test_a_save_that_fills_the_disk_leaves_no_half_checkpoint(compose, tmp_path,
         save_for_next_phase(model, tokenizer, tmp_path / "final", "policy", 2, "run")
     assert json.loads((good / "checkpoint.json").read_text())["step"] == 1  # the previous good save is intact
     assert [p.name for p in tmp_path.iterdir()] == ["final"]
+
+
+def test_a_new_score_head_is_reported_in_one_line_not_a_table(scaled_model, compose, capsys):
+    """transformers' LOAD REPORT table (UNEXPECTED lm_head, MISSING score) becomes one line of ours."""
+    from omegaconf import OmegaConf
+
+    from rlhf_exp.models import load_reward_model
+
+    folder = scaled_model("qwen2_5")
+    cfg = OmegaConf.to_object(compose(["model=local", f"model.path={folder}", "data=synthetic_chat"]))
+    tokenizer = load_tokenizer(cfg.model)
+    capsys.readouterr()
+    load_reward_model(cfg.model, cfg.hardware, tokenizer, str(folder))
+    err = capsys.readouterr().err
+    assert "LOAD REPORT" not in err and "UNEXPECTED" not in err
+    ours = [line for line in err.splitlines() if line.startswith("rlhf_exp")]
+    assert ours == [f"rlhf_exp: reward model from {folder}: new, randomly initialised: score.weight; "
+                    "left unused from the checkpoint: lm_head.weight"]
+
+
+@pytest.mark.parametrize("lora,phase,expected", [(False, "sft", 2e-5), (True, "sft", 2e-4), (True, "dpo", 5e-6),
+                                                 (True, "rm", 1e-4), (False, "dpo", 5e-7)])
+def test_lora_runs_train_at_the_lora_learning_rate(compose, tmp_path, lora, phase, expected):
+    """The alignment-handbook's LoRA/QLoRA rates apply under hardware.lora=true, not full fine-tuning's."""
+    from rlhf_exp.launch.trl_args import training_kwargs
+
+    cfg = compose(["model=qwen2_5_7b", "data=ultrafeedback_binarized", "hardware=a100x1", f"phase={phase}",
+                   f"hardware.lora={str(lora).lower()}"])
+    assert training_kwargs(cfg, tmp_path, has_eval=True)["learning_rate"] == expected
+
+
+def test_reward_scores_read_chat_and_plain_pairs_as_reward_training_did(scaled_model, compose):
+    """Chat-message pairs (HH-RLHF, UltraFeedback) are scored through the chat template; plain strings as
+    prompt + answer + EOS (the RM phase's reward statistics used to crash on message lists)."""
+    from omegaconf import OmegaConf
+
+    from rlhf_exp.data.encode import scored_ids
+    from rlhf_exp.evaluation import reward_scores, score_ids
+    from rlhf_exp.models import load_reward_model
+
+    folder = scaled_model("llama3_1")
+    cfg = OmegaConf.to_object(compose(["model=local", f"model.path={folder}", "data=synthetic_chat"]))
+    tok = load_tokenizer(cfg.model)
+    rm = load_reward_model(cfg.model, cfg.hardware, tok, str(folder))
+    prompts = [[{"role": "user", "content": "Sort these digits: 2 1"}], [{"role": "user", "content": "Hi there"}]]
+    answers = [[{"role": "assistant", "content": "1 2"}], [{"role": "assistant", "content": "Hello, how are you?"}]]
+    batched = reward_scores(rm, tok, prompts, answers, batch_size=2)
+    alone = [score_ids(rm, [scored_ids(tok, p, a)], tok.pad_token_id, "cpu")[0] for p, a in zip(prompts, answers)]
+    assert torch.allclose(batched, torch.stack(alone), atol=1e-5)
+    plain = reward_scores(rm, tok, ["Sort 2 1:", "Hi"], [" 1 2", " Hello"], batch_size=2)
+    assert plain.shape == (2,) and torch.isfinite(plain).all()

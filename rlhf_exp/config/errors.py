@@ -10,11 +10,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
-from pathlib import Path
 
+from rlhf_exp.config.paths import CONF_DIR, NOT_GROUPS, config_dirs, config_file
 from rlhf_exp.config.schema import GROUP_SCHEMAS, PHASE_SCHEMAS
-
-CONF_DIR = Path(__file__).resolve().parent.parent.parent / "conf"
 
 
 class ConfigError(Exception):
@@ -30,12 +28,19 @@ def hub_unreachable(key: str, value: str, exc: BaseException) -> ConfigError:
 
 
 def group_options(group: str) -> list[str]:
-    folder = CONF_DIR / group
-    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+    """Options of a group across every config folder (ours and the user's, see rlhf_exp/config/paths.py)."""
+    return sorted({p.stem for folder in config_dirs() for p in (folder / group).glob("*.yaml")})
 
 
 def config_groups() -> list[str]:
-    return sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "recipe")
+    return sorted({p.name for folder in config_dirs() for p in folder.iterdir()
+                   if p.is_dir() and p.name not in NOT_GROUPS and not p.name.startswith((".", "_"))})
+
+
+def _shown(name: str) -> str:
+    """A config file as messages name it: conf/<name>.yaml for ours, the full path for a user's."""
+    path = config_file(name)
+    return f"conf/{name}.yaml" if path is None or path.is_relative_to(CONF_DIR) else str(path)
 
 
 def _schema_at(full_key: str, phase_name: str | None):
@@ -131,7 +136,7 @@ def translate(exc: BaseException, phase_name: str | None) -> str:
     cause = exc.__cause__ or exc
     # a bad key or value inside a YAML file: Hydra wraps it without a cause; the text names the file
     source = re.match(r"In '([^']+)': (\w+) raised while composing config", text)
-    where = f"in conf/{source.group(1)}.yaml: " if source else ""
+    where = f"in {_shown(source.group(1))}: " if source else ""
     full_key = getattr(cause, "full_key", None) or _text_field(text, "full_key")
     kind = type(cause).__name__ if cause is not exc or not source else source.group(2)
     if full_key and kind in ("ConfigAttributeError", "ConfigKeyError"):

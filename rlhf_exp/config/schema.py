@@ -77,6 +77,14 @@ class DataFormat(StrEnum):
     prompt_completion = "prompt_completion"
 
 
+class TaskForm(StrEnum):
+    # "3 1 4 1 5 =" -> " 1 1 3 4 5": plain strings, for the embedded 15-token tokenizer (and any other)
+    plain = "plain"
+    # the same task as chat messages ("Sort these digits: 3 1 4 1 5" -> "1 1 3 4 5"), rendered by the
+    # model's chat template: the real-tokenizer, real-template path with a gold score
+    chat = "chat"
+
+
 class DType(StrEnum):
     # as stored in the checkpoint, unless hardware.precision asks for bf16/fp16/fp32
     auto = "auto"
@@ -166,6 +174,9 @@ class ModelConfig:
     # attention kernel passed to from_pretrained (sdpa, eager, flash_attention_2); null = library default
     attn_implementation: Optional[str] = None
     trust_remote_code: bool = False
+    # the token that ends an answer, when the chat template ends turns with another token than the
+    # tokenizer's EOS (Llama 3.1 base: <|eot_id|>); null: the tokenizer's own
+    eos_token: Optional[str] = None
     # modules LoRA adapts when hardware.lora=true; "all-linear" lets peft pick every linear layer
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     # architecture of the embedded model (source=embedded only)
@@ -187,6 +198,9 @@ class ColumnMap:
 
 @dataclass
 class SyntheticTask:
+    # plain: "3 1 4 1 5 =" -> " 1 1 3 4 5" (strings); chat: user/assistant messages in words, for models
+    # with a real tokenizer and chat template (data=synthetic_chat)
+    form: TaskForm = TaskForm.plain
     # digits in each prompt; the answer is the same digits sorted ascending
     num_digits: int = 5
     # SFT demonstrations
@@ -248,6 +262,9 @@ class PhaseConfig:
     # sft | rm | ppo | dpo: picks the runner
     name: str = MISSING
     learning_rate: float = 2e-5
+    # learning rate when hardware.lora=true (adapters want ~10x a full fine-tune's rate; alignment-handbook's
+    # LoRA/QLoRA recipes: SFT 2e-4, DPO 5e-6); null: phase.learning_rate
+    lora_learning_rate: Optional[float] = 2e-4
     # passes over the training set; max_steps > 0 overrides it
     num_epochs: float = 1.0
     max_steps: int = -1
@@ -294,6 +311,7 @@ class SFTPhaseConfig(PhaseConfig):
 class DPOPhaseConfig(PhaseConfig):
     name: str = "dpo"
     learning_rate: float = 5e-7
+    lora_learning_rate: Optional[float] = 5e-6
     # strength of the implicit KL constraint to the reference (the SFT model)
     beta: float = 0.1
     # DPO loss variant passed to TRL
@@ -307,6 +325,8 @@ class DPOPhaseConfig(PhaseConfig):
 class RMPhaseConfig(PhaseConfig):
     name: str = "rm"
     learning_rate: float = 1e-5
+    # TRL's reward-modelling example: 1e-5 full, 1e-4 with LoRA
+    lora_learning_rate: Optional[float] = 1e-4
     # keep the token embeddings fixed while training the reward head and body
     freeze_embeddings: bool = True
     sft_run: Optional[str] = None
@@ -316,6 +336,7 @@ class RMPhaseConfig(PhaseConfig):
 class PPOPhaseConfig(PhaseConfig):
     name: str = "ppo"
     learning_rate: float = 1e-6
+    lora_learning_rate: Optional[float] = 1e-5
     sft_run: Optional[str] = None
     reward_run: Optional[str] = None
     # KL penalty coefficient (with kl_ctrl=adaptive, its starting value)
@@ -334,7 +355,10 @@ class PPOPhaseConfig(PhaseConfig):
     vf_coef: float = 0.1
     gamma: float = 1.0
     lam: float = 0.95
+    # rollouts sample from softmax(logits / temperature); the log-probabilities use the same temperature
     temperature: float = 1.0
+    # must stay 1.0: a nucleus cut under the rollout policy is not part of the log-probabilities PPO's
+    # ratio uses (refused by validate, with the reason)
     top_p: float = 1.0
     length_penalty: float = 0.0
     missing_eos_penalty: Optional[float] = None
@@ -486,6 +510,13 @@ def register_configs() -> None:
         cs.store(group=group, name=f"base_{group}", node=schema)
     for name, schema in PHASE_SCHEMAS.items():
         cs.store(group="phase", name=f"base_{name}", node=schema)
+
+
+def learning_rate(phase, hardware) -> float:
+    """The rate training uses: phase.lora_learning_rate under hardware.lora (when set), else learning_rate."""
+    if hardware.lora and phase.lora_learning_rate is not None:
+        return phase.lora_learning_rate
+    return phase.learning_rate
 
 
 def resumable_checkpoints(phase) -> bool:

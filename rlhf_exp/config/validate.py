@@ -15,7 +15,20 @@ from omegaconf import DictConfig, OmegaConf
 from rlhf_exp.config.errors import ConfigError, unknown_key_message
 from rlhf_exp.config.schema import GROUP_SCHEMAS, PHASE_SCHEMAS, RunConfig, resumable_checkpoints
 
-BUILTIN_TEMPLATES = ("chatml",)
+# rlhf_exp/templates/<name>.jinja: our copies of the presets' chat templates (for base models and local folders)
+BUILTIN_TEMPLATES = ("chatml", "llama3_1", "mistral_v03", "qwen2_5")
+
+
+def missing_model_folder(path: str | None) -> str | None:
+    """The message for a model.path that names a local folder which is not there (a hub id is org/name;
+    anything else is a folder, which transformers would misreport as a bad repo id), else None."""
+    if not path:
+        return None
+    local = path.startswith(("/", ".", "~")) or path.count("/") > 1
+    if local and not Path(path).expanduser().is_dir():
+        return (f"model.path={path}: no such folder. Fix the path (a folder saved with save_pretrained, e.g. a run's "
+                "checkpoints/final), or give a hub id (org/name).")
+    return None
 
 
 def _extra_keys(node, schema, prefix: str) -> list[str]:
@@ -65,6 +78,8 @@ def validate(cfg: DictConfig) -> None:
     # phase
     check(phase_name in PHASE_SCHEMAS, f"phase.name={phase_name}: must be one of {', '.join(PHASE_SCHEMAS)}")
     check(phase.learning_rate > 0, f"phase.learning_rate={phase.learning_rate}: must be > 0")
+    check(phase.lora_learning_rate is None or phase.lora_learning_rate > 0,
+          f"phase.lora_learning_rate={phase.lora_learning_rate}: must be > 0, or null (phase.learning_rate)")
     for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                 "max_length", "logging_steps", "max_new_tokens"):
         check(phase[key] >= 1, f"phase.{key}={phase[key]}: must be >= 1")
@@ -92,7 +107,12 @@ def validate(cfg: DictConfig) -> None:
         check(phase.kl_coef >= 0, f"phase.kl_coef={phase.kl_coef}: must be >= 0")
         check(0 <= phase.lam <= 1 and 0 <= phase.gamma <= 1, "phase.gamma and phase.lam must be in [0, 1]")
         check(phase.kl_target > 0 and phase.kl_horizon >= 1, "phase.kl_target must be > 0 and phase.kl_horizon >= 1")
-        check(phase.temperature > 0 and 0 < phase.top_p <= 1, "phase.temperature must be > 0 and phase.top_p in (0, 1]")
+        check(phase.temperature > 0, f"phase.temperature={phase.temperature}: must be > 0")
+        # PPO's ratio compares log-probabilities of the distribution the answers were sampled from; a nucleus
+        # truncated under the rollout policy is not the one the updated policy defines, so it is refused
+        check(phase.top_p == 1, f"phase.top_p={phase.top_p}: PPO samples from the full distribution whose "
+                                "log-probabilities its update uses; top-p truncation would make them disagree. "
+                                "Set phase.top_p=1.0 (lower phase.temperature to sample more conservatively)")
         check(phase.ppo_epochs >= 1 and 1 <= phase.num_mini_batches <= phase.rollout_batch_size,
               f"phase.ppo_epochs must be >= 1 and phase.num_mini_batches in [1, phase.rollout_batch_size="
               f"{phase.rollout_batch_size}]")
@@ -105,13 +125,16 @@ def validate(cfg: DictConfig) -> None:
     # model
     if model.source == "hub":
         check(bool(model.path), f"model={model.name} loads from the hub but model.path is empty: set model.path=org/name")
+        problem = missing_model_folder(model.path)
+        check(problem is None, problem or "")
     if model.source == "embedded":
         arch = model.embedded
         check(arch.hidden_size % arch.num_heads == 0,
               f"model.embedded.hidden_size={arch.hidden_size} must be divisible by model.embedded.num_heads={arch.num_heads}")
-        check(data.source == "synthetic",
-              f"model={model.name} has the embedded 15-token tokenizer, which only covers data=synthetic; "
-              f"use a hub model (e.g. model=qwen2_5_7b) with data={data.name}")
+        check(data.source == "synthetic" and data.synthetic.form == "plain",
+              f"model={model.name} has the embedded 15-token tokenizer (digits and '=', no chat template), which only "
+              f"covers data=synthetic; use a model with a real tokenizer (model=local model.path=<folder>, or a hub "
+              f"preset) with data={data.name}")
     if model.dtype in ("bfloat16", "float16") and hw.precision == "fp32":
         check(False, f"model.dtype={model.dtype} with hardware.precision=fp32 would train half-precision weights "
                      f"without mixed precision: use a GPU preset (e.g. hardware=a100x1, bf16) or model.dtype=float32")
@@ -123,13 +146,12 @@ def validate(cfg: DictConfig) -> None:
     # data
     if data.source == "hub":
         check(bool(data.path), f"data={data.name} loads from the hub but data.path is empty: set data.path=org/name")
-    if data.source == "jsonl":
-        from rlhf_exp.data.sources import check_data_files
+    from rlhf_exp.data.sources import check_data_files
 
-        try:
-            check_data_files(data)
-        except ConfigError as exc:
-            errors.append(str(exc))
+    try:  # local files (data=jsonl, or a hub preset's data.path pointing at a local copy)
+        check_data_files(data)
+    except ConfigError as exc:
+        errors.append(str(exc))
     check(0 < data.eval_fraction < 1, f"data.eval_fraction={data.eval_fraction}: must be in (0, 1)")
     if data.source == "synthetic":
         errors += _synthetic_errors(cfg)
@@ -179,8 +201,10 @@ def _synthetic_errors(cfg: DictConfig) -> list[str]:
     if phase.max_new_tokens < syn.num_digits + 1:
         errors.append(f"phase.max_new_tokens={phase.max_new_tokens} cannot hold a {syn.num_digits}-digit answer "
                       f"and its end token: set phase.max_new_tokens={syn.num_digits + 1} or more")
-    needed = 2 * syn.num_digits + 3  # bos, prompt, '=', answer, eos
-    if phase.max_length < needed or (model.source == "embedded" and model.embedded.max_position_embeddings < needed):
+    # bos, prompt, '=', answer, eos (the chat form's length depends on the template: counted when it loads)
+    needed = 2 * syn.num_digits + 3
+    too_short = phase.max_length < needed or (model.source == "embedded" and model.embedded.max_position_embeddings < needed)
+    if syn.form == "plain" and too_short:
         errors.append(f"data.synthetic.num_digits={syn.num_digits} needs sequences of {needed} tokens: raise "
                       f"phase.max_length (and model.embedded.max_position_embeddings) to >= {needed}")
     return errors

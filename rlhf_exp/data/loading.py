@@ -12,8 +12,8 @@ from rlhf_exp.config.schema import DataConfig
 class PhaseData:
     train: "datasets.Dataset"  # noqa: F821
     eval: "datasets.Dataset | None"  # noqa: F821
-    # held-out prompts scored with the gold reward (embedded task only)
-    eval_prompts: list[str] | None = None
+    # held-out prompts scored with the gold reward (embedded task only; message lists in the chat form)
+    eval_prompts: list | None = None
     # gold rewards (chosen, rejected) of each eval pair (embedded task only), for RM accuracy against gold
     eval_pair_golds: list[tuple[float, float]] | None = None
 
@@ -30,23 +30,35 @@ def _synthetic(syn_key: tuple, seed: int) -> dict:
 def synthetic_splits(data: DataConfig) -> dict:
     from dataclasses import asdict
 
-    return _synthetic(tuple(sorted(asdict(data.synthetic).items())), data.seed)
+    from rlhf_exp.data.synthetic import chat_form
+
+    settings = {k: v for k, v in asdict(data.synthetic).items() if k != "form"}  # both forms: the same examples
+    splits = _synthetic(tuple(sorted(settings.items())), data.seed)
+    return chat_form(splits) if str(data.synthetic.form) == "chat" else splits
 
 
-def sft_data(data: DataConfig) -> PhaseData:
+def _synthetic_counts(counts: dict | None, train: int, eval_: int) -> None:
+    if counts is not None:  # generated, nothing dropped
+        counts.update(train={"loaded": train, "kept": train}, eval={"loaded": eval_, "kept": eval_})
+
+
+def sft_data(data: DataConfig, counts: dict | None = None) -> PhaseData:
+    """Demonstrations; ``counts`` (when given) receives what was read and dropped per split."""
     from datasets import Dataset
 
     if data.source == "synthetic":
         splits = synthetic_splits(data)
+        _synthetic_counts(counts, len(splits["sft_train"]), len(splits["sft_eval"]))
         return PhaseData(Dataset.from_list(splits["sft_train"]), Dataset.from_list(splits["sft_eval"]),
                          splits["eval_prompts"])
     from rlhf_exp.data.sources import load_sft
 
-    train, evaluation = load_sft(data, data.seed)
+    train, evaluation = load_sft(data, data.seed, counts=counts)
     return PhaseData(train, evaluation)
 
 
-def preference_data(data: DataConfig) -> PhaseData:
+def preference_data(data: DataConfig, counts: dict | None = None) -> PhaseData:
+    """Preference pairs; ``counts`` (when given) receives what was read and dropped per split."""
     from datasets import Dataset
 
     if data.source == "synthetic":
@@ -55,9 +67,10 @@ def preference_data(data: DataConfig) -> PhaseData:
         def rows(pairs):
             return [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs]
 
+        _synthetic_counts(counts, len(splits["pref_train"]), len(splits["pref_eval"]))
         return PhaseData(Dataset.from_list(rows(splits["pref_train"])), Dataset.from_list(rows(splits["pref_eval"])),
                          splits["eval_prompts"], [(p.gold_chosen, p.gold_rejected) for p in splits["pref_eval"]])
     from rlhf_exp.data.sources import load_preferences
 
-    train, evaluation = load_preferences(data, data.seed)
+    train, evaluation = load_preferences(data, data.seed, counts=counts)
     return PhaseData(train, evaluation)

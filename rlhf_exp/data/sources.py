@@ -22,7 +22,9 @@ Source layouts (``data.format``; source column names come from ``data.columns.<f
   prompt + chosen.
 * ``messages``: one chat list per record (SFT only).
 * ``prompt_completion``: ``prompt`` + ``completion`` (SFT only).
-* ``auto``: one of the above, picked from the columns present.
+* ``auto``: one of the above, picked from the columns present: ``prompt``+``chosen``+``rejected`` is
+  ``preference``, ``messages`` is ``messages``, ``prompt``+``completion`` is ``prompt_completion``, and
+  ``chosen``+``rejected`` without a prompt whose values are Human:/Assistant: transcripts is ``hh``.
 
 Bad records in local files stop the run with a ``ConfigError`` naming the file, the line and the
 fix. Hub rows that cannot be converted (HH has a handful without a final assistant turn) are
@@ -31,6 +33,36 @@ rejected answers are identical carries no preference (zero gradient for the RM a
 sure miss in eval accuracy): such pairs are dropped with one counted warning, unless they are more
 than ``MAX_IDENTICAL_FRACTION`` of a local file, which points at a mistake (both columns mapped to
 the same data) and stops the run.
+
+Local copies of hub data (``data.source=hub`` with ``data.path`` a local file or folder; a path is
+local when it starts with ``/``, ``.`` or ``~``, has more than one ``/``, ends in a data-file extension
+or exists on disk; anything else is a hub id):
+
+* a file (``.jsonl``, ``.json``, ``.parquet``; ``.jsonl.gz``/``.json.gz`` as HH ships them) is the
+  train split that every configured train split (``sft_train_split``, ``pref_train_split``) reads;
+  the eval split is held out of it with ``data.eval_fraction`` (seeded), said in one warning line.
+* a folder is read as its hub repo's own layout: ``datasets.load_dataset(folder, data_dir=data.data_dir,
+  split=...)`` with the configured split names (HH: ``<subset>/train.jsonl.gz``, ``<subset>/test.jsonl.gz``
+  -> ``train``/``test``, one subset with ``data.data_dir=harmless-base``; UltraFeedback:
+  ``data/train_prefs-*.parquet`` ... -> ``train_prefs``, ``test_prefs``, ``train_sft``, ``test_sft``).
+  A missing eval split is held out of train (one warning); a missing train split is a ``ConfigError``
+  listing the splits found.
+* its rows are converted as hub rows are (unreadable ones skipped and counted, not fatal).
+
+``check_data_files`` refuses a missing local file or folder (and a ``data.data_dir`` the folder lacks)
+at config-check time.
+
+Counts (``load_sft``/``load_preferences`` with ``counts={}``) fill, per split, ``{"loaded": n, "kept": n,
+"dropped": {reason: n}}`` under ``"train"`` and ``"eval"`` (``None`` when there is no eval split).
+``loaded`` is the records the split drew from its source; ``kept`` the records returned; for each split
+``loaded == kept + sum(dropped.values())``. An eval split held out of the train data counts the records
+it took as its ``loaded`` and the train split's ``loaded`` leaves them out, so the two add up to the
+records read. Reasons (only those that occurred are listed):
+
+* ``identical_pair``: chosen and rejected answers identical (no preference);
+* ``unreadable``: a hub (or local-copy) row that could not be converted, e.g. an HH row without a final
+  assistant turn;
+* ``capped``: left out by ``data.max_train_samples``/``data.max_eval_samples``.
 
 ``datasets`` is imported lazily: ``check_data_files`` runs on the CLI's light config-check path.
 """
@@ -67,6 +99,13 @@ _HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
 _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 # above this share of identical chosen/rejected pairs a local file is refused, not cleaned
 MAX_IDENTICAL_FRACTION = 0.1
+# local copies of hub data: file extension -> datasets builder; json files may be compressed
+LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+COMPRESSIONS = (".gz", ".bz2", ".xz")
+# reasons a record is left out, as counted in ``counts[split]["dropped"]``
+DROP_REASONS = ("identical_pair", "unreadable", "capped")
+# rows looked at to tell whether chosen/rejected hold HH transcripts (format=auto)
+_HH_SAMPLE = 5
 
 
 class RowError(ValueError):
@@ -81,7 +120,10 @@ class IdenticalPair(RowError):
 
 
 def check_data_files(data_cfg) -> None:
-    """Fail at config-check time, before any model loads, when a local file is absent."""
+    """Fail at config-check time, before any model loads, when a local file or folder is absent."""
+    if data_cfg.source == "hub":
+        _check_local_copy(data_cfg)
+        return
     if data_cfg.source != "jsonl":
         return
     if _setting(data_cfg, "train_file") is None:
@@ -97,47 +139,86 @@ def check_data_files(data_cfg) -> None:
             raise ConfigError(f"data.{key}={value}: is a folder, not a file. Point it at a .jsonl file.")
 
 
-def load_sft(data_cfg, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
-    """SFT splits with columns ``prompt`` and ``completion``; ``seed`` drives holdout and caps."""
-    return _load(data_cfg, seed, task="sft")
+def load_sft(data_cfg, seed: int, counts: dict | None = None) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """SFT splits with columns ``prompt`` and ``completion``; ``seed`` drives holdout and caps.
+    ``counts``, when given, is filled with the records loaded, kept and dropped per split."""
+    return _load(data_cfg, seed, "sft", counts)
 
 
-def load_preferences(data_cfg, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
-    """Preference splits with columns ``prompt``, ``chosen`` and ``rejected``."""
-    return _load(data_cfg, seed, task="pref")
+def load_preferences(data_cfg, seed: int,
+                     counts: dict | None = None) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """Preference splits with columns ``prompt``, ``chosen`` and ``rejected`` (``counts`` as load_sft)."""
+    return _load(data_cfg, seed, "pref", counts)
 
 
 # --------------------------------------------------------------------------- loading
 
 
-def _load(data_cfg, seed: int, task: str) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+def _load(data_cfg, seed: int, task: str, counts: dict | None) -> tuple[datasets.Dataset, datasets.Dataset | None]:
     if data_cfg.format not in FORMATS:
         raise ConfigError(f"data.format={data_cfg.format}: not a known layout. Valid: {', '.join(FORMATS)}")
+    tallies: dict[str, dict | None] = {"train": None, "eval": None}
     if data_cfg.source == "hub":
-        return _load_hub(data_cfg, seed, task)
-    if data_cfg.source == "jsonl":
-        return _load_jsonl(data_cfg, seed, task)
-    raise ValueError(f"sources handles data.source hub and jsonl, not {data_cfg.source!r}")
+        out = _load_hub(data_cfg, seed, task, tallies)
+    elif data_cfg.source == "jsonl":
+        out = _load_jsonl(data_cfg, seed, task, tallies)
+    else:
+        raise ValueError(f"sources handles data.source hub and jsonl, not {data_cfg.source!r}")
+    if counts is not None:
+        for split, dataset in zip(("train", "eval"), out):
+            tally = tallies[split]
+            if tally is not None:
+                tally["kept"] = len(dataset)
+            counts[split] = tally
+    return out
 
 
-def _load_hub(data_cfg, seed: int, task: str) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+def _tally(loaded: int) -> dict:
+    return {"loaded": loaded, "kept": 0, "dropped": {}}
+
+
+def _drop(tally: dict, reason: str, n: int) -> None:
+    if n:
+        tally["dropped"][reason] = tally["dropped"].get(reason, 0) + n
+
+
+def _load_hub(data_cfg, seed: int, task: str, tallies: dict) -> tuple[datasets.Dataset, datasets.Dataset | None]:
     """Convert with Dataset.map so big sets stay arrow-backed and cached; caps apply before
     conversion (quick trials on big sets), so a capped split can be a few skipped rows short."""
     if not data_cfg.path:
-        raise ConfigError("data.source=hub needs data.path (the data set's hub id, e.g. Anthropic/hh-rlhf)")
+        raise ConfigError("data.source=hub needs data.path (the data set's hub id, e.g. Anthropic/hh-rlhf, "
+                          "or a local copy)")
     train_key, eval_key = ("sft_train_split", "sft_eval_split") if task == "sft" else (
         "pref_train_split", "pref_eval_split")
-    train_raw = _hub_split(data_cfg, train_key)
-    if getattr(data_cfg, eval_key) is not None:
-        eval_raw = _hub_split(data_cfg, eval_key)
+    train_name, eval_name = getattr(data_cfg, train_key), getattr(data_cfg, eval_key)
+    local = local_path(data_cfg.path)
+    if local is None:
+        train_raw = _hub_split(data_cfg, train_key)
+        eval_raw = _hub_split(data_cfg, eval_key) if eval_name is not None else None
+        why, holdout_what = None, f"data.{train_key}"
     else:
-        train_raw, eval_raw = _holdout(train_raw, data_cfg.eval_fraction, seed, f"data.{train_key}")
-    train_raw = _cap(train_raw, data_cfg.max_train_samples, seed, "max_train_samples")
-    train = _convert_hub(train_raw, data_cfg, task, getattr(data_cfg, train_key))
+        _check_local_copy(data_cfg)
+        train_raw, eval_raw, why = _local_splits(local, data_cfg, train_key, eval_key)
+        holdout_what = f"data.path={data_cfg.path}" if local.is_file() else f"data.{train_key}"
+        if local.is_file():
+            train_name = None  # a file has no split name of its own
+    if eval_raw is None:
+        n_read = len(train_raw)
+        train_raw, eval_raw = _holdout(train_raw, data_cfg.eval_fraction, seed, holdout_what)
+        eval_name = "held-out"
+        if why and eval_raw is not None:
+            log.warning("data.path=%s %s: holding out %d of its %d rows for eval (data.eval_fraction=%s, seed %d).",
+                        data_cfg.path, why, len(eval_raw), n_read, data_cfg.eval_fraction, seed)
+    tallies["train"] = _tally(len(train_raw))
+    capped = _cap(train_raw, data_cfg.max_train_samples, seed, "max_train_samples")
+    _drop(tallies["train"], "capped", len(train_raw) - len(capped))
+    train = _convert_hub(capped, data_cfg, task, train_name, tallies["train"])
     eval_ = None
     if eval_raw is not None:
-        eval_raw = _cap(eval_raw, data_cfg.max_eval_samples, seed, "max_eval_samples")
-        eval_ = _convert_hub(eval_raw, data_cfg, task, getattr(data_cfg, eval_key) or "held-out")
+        tallies["eval"] = _tally(len(eval_raw))
+        capped = _cap(eval_raw, data_cfg.max_eval_samples, seed, "max_eval_samples")
+        _drop(tallies["eval"], "capped", len(eval_raw) - len(capped))
+        eval_ = _convert_hub(capped, data_cfg, task, eval_name, tallies["eval"])
     return train, eval_
 
 
@@ -158,65 +239,197 @@ def _hub_split(data_cfg, key: str) -> datasets.Dataset:
                           + (" (null = hold out data.eval_fraction of train)." if "eval" in key else ".")) from exc
 
 
-def _convert_hub(raw: datasets.Dataset, data_cfg, task: str, split: str) -> datasets.Dataset:
-    where = f"data.path={data_cfg.path} split={split}"
+# ------------------------------------------------------------- local copies of hub data
+
+
+def local_path(value: Any) -> Path | None:
+    """The local file or folder ``data.path`` names, or None for a hub id (``org/name``)."""
+    if not value:
+        return None
+    text = str(value)
+    path = Path(text).expanduser()
+    if text.startswith(("/", ".", "~")) or text.count("/") > 1 or path.exists() or _file_builder(path):
+        return path
+    return None
+
+
+def _file_builder(path: Path) -> str | None:
+    """The datasets builder reading a local data file (json, parquet), from its extension."""
+    name = path.name.lower()
+    compressed = name.endswith(COMPRESSIONS)
+    if compressed:
+        name = name.rsplit(".", 1)[0]
+    builder = LOCAL_BUILDERS.get(Path(name).suffix)
+    return None if compressed and builder == "parquet" else builder
+
+
+def _check_local_copy(data_cfg) -> None:
+    value = _setting(data_cfg, "path")
+    local = local_path(value)
+    if local is None:
+        return
+    if not local.exists():
+        raise ConfigError(f"data.path={value}: no such file or folder (looked in {local.resolve()}). "
+                          f"Fix the path to your local copy, or give a hub id (org/name).")
+    data_dir = _setting(data_cfg, "data_dir")
+    if local.is_file():
+        if _file_builder(local) is None:
+            raise ConfigError(f"data.path={value}: cannot read this kind of file. Give a .jsonl, .json or .parquet "
+                              f"file (.jsonl.gz and .json.gz too), or a folder holding them.")
+        if data_dir:
+            raise ConfigError(f"data.data_dir={data_dir}: picks a subfolder of a folder data.path, but "
+                              f"data.path={value} is a file. Set data.data_dir=null, or point data.path at the folder.")
+    elif data_dir and not (local / data_dir).is_dir():
+        found = sorted(p.name for p in local.iterdir() if p.is_dir() and not p.name.startswith("."))
+        raise ConfigError(f"data.data_dir={data_dir}: no such folder in data.path={value} (folders: "
+                          f"{', '.join(found) or 'none'}). Fix data.data_dir, or set data.data_dir=null to read them all.")
+
+
+def _local_splits(local: Path, data_cfg, train_key: str, eval_key: str):
+    """(train, eval or None, why eval is held out or None) from a local file or folder."""
+    import datasets
+
+    where = f"data.path={data_cfg.path}"
+    if local.is_file():
+        raw = _read_local(where, lambda: datasets.load_dataset(_file_builder(local), data_files=str(local),
+                                                                split="train"))
+        return raw, None, "is a single file, read as the train split"
+    data_dir = _setting(data_cfg, "data_dir")
+    kwargs = {"data_dir": data_dir}
+    if _setting(data_cfg, "subset"):
+        kwargs["name"] = data_cfg.subset
+    try:
+        builder = datasets.load_dataset_builder(str(local), **kwargs)
+    except FileNotFoundError as exc:  # EmptyDatasetError: no data files in the folder
+        raise ConfigError(f"{where}" + (f" data.data_dir={data_dir}" if data_dir else "") + ": no data files "
+                          "found (.jsonl, .json, .parquet, ...). Point data.path at the folder holding them.") from exc
+    except ValueError as exc:  # e.g. README.md configs naming splits whose files are not there
+        raise ConfigError(f"{where}: cannot tell its splits ({str(exc).splitlines()[0][:300]}).\nIts README.md may name "
+                          f"splits whose files are missing: add them, or remove README.md to take the split names "
+                          f"from the file names.") from exc
+    found = [str(split) for split in (builder.config.data_files or {})]
+    train_split, eval_split = getattr(data_cfg, train_key), getattr(data_cfg, eval_key)
+    if train_split not in found:
+        in_dir = f" (data.data_dir={data_dir})" if data_dir else ""
+        example = next((name for name in found if "train" in name), found[0] if found else "train")
+        raise ConfigError(f"data.{train_key}={train_split}: {where}{in_dir} has no such split "
+                          f"(splits found: {', '.join(found) or 'none'}). Set data.{train_key} to one of them, "
+                          f"e.g. data.{train_key}={example}.")
+
+    def split_of(name: str) -> datasets.Dataset:
+        return _read_local(where, lambda: datasets.load_dataset(str(local), split=name, **kwargs))
+
+    if eval_split is not None and eval_split in found:
+        return split_of(train_split), split_of(eval_split), None
+    why = None
+    if eval_split is not None:
+        why = (f"has no {eval_split!r} split (data.{eval_key}; splits found: {', '.join(found)}), "
+               f"so it comes out of {train_split!r}")
+    return split_of(train_split), None, why
+
+
+def _read_local(where: str, read):
+    from datasets.exceptions import DatasetGenerationError
+
+    try:
+        return read()
+    except DatasetGenerationError as exc:
+        cause = exc.__cause__ or exc
+        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:300]
+        raise ConfigError(f"{where}: cannot read it ({type(cause).__name__}: {first}). "
+                          f"Check that it holds JSON Lines, JSON or Parquet data.") from exc
+
+
+# ----------------------------------------------------------------------- conversion
+
+
+def _convert_hub(raw: datasets.Dataset, data_cfg, task: str, split: str | None, tally: dict) -> datasets.Dataset:
+    where = f"data.path={data_cfg.path}" + (f" split={split}" if split else "")
     fmt = data_cfg.format
     if fmt == "auto":
-        fmt = _detect(raw.column_names, data_cfg.columns, where)
+        fmt = _detect(raw.column_names, data_cfg.columns, where, raw.select(range(min(_HH_SAMPLE, len(raw)))))
     fields = _field_columns(fmt, task, data_cfg.columns, raw.column_names, where)
     missing = [col for col in fields.values() if col not in raw.column_names]
     if missing:
         raise ConfigError(f"{where}: no column {', '.join(map(repr, missing))} (columns: "
                           f"{', '.join(raw.column_names)}).\nSet data.columns.<field> to the right column, "
                           f"or data.format to the layout of this data set.")
-    out = raw.map(_convert_batch, batched=True, remove_columns=raw.column_names,
-                  fn_kwargs={"fields": fields, "fmt": fmt, "task": task}, desc=f"Converting {split}")
+    out = raw.map(_convert_batch, batched=True, with_indices=True, remove_columns=raw.column_names,
+                  fn_kwargs={"fields": fields, "fmt": fmt, "task": task}, desc=f"Converting {split or 'file'}")
     if len(out) == 0:
         raise ConfigError(f"{where}: none of its {len(raw)} rows could be read as data.format={fmt}. "
                           f"Check data.format and data.columns.")
-    # map keeps reused names (chosen, rejected) in their source position; fix the order
-    out = out.select_columns(list(SFT_COLUMNS if task == "sft" else PREF_COLUMNS))
     skipped = len(raw) - len(out)
     if skipped:
-        log.warning("%s: skipped %d of %d rows that could not be read as data.format=%s "
-                    "(e.g. no final assistant turn, or chosen identical to rejected)", where, skipped, len(raw), fmt)
-    return out
+        # the few skipped rows are converted again to tell why (the map itself stays cacheable)
+        kept = set(out["_row"])
+        reasons = {"unreadable": 0, "identical_pair": 0}
+        for row in raw.select([i for i in range(len(raw)) if i not in kept]):
+            try:
+                _convert({field: row[col] for field, col in fields.items()}, fmt, task)
+            except IdenticalPair:
+                reasons["identical_pair"] += 1
+            except RowError:
+                reasons["unreadable"] += 1
+        for reason, n in reasons.items():
+            _drop(tally, reason, n)
+        detail = ", ".join(text for n, text in (
+            (reasons["unreadable"], f"{reasons['unreadable']} unreadable as data.format={fmt} "
+                                    f"(e.g. no final assistant turn)"),
+            (reasons["identical_pair"], f"{reasons['identical_pair']} with chosen identical to rejected")) if n)
+        log.warning("%s: skipped %d of %d rows: %s", where, skipped, len(raw), detail)
+    # map keeps reused names (chosen, rejected) in their source position; fix the order
+    return out.select_columns(list(SFT_COLUMNS if task == "sft" else PREF_COLUMNS))
 
 
-def _convert_batch(batch: dict[str, list], fields: dict[str, str], fmt: str, task: str) -> dict[str, list]:
-    """Batched map: unreadable rows are dropped from the output (their count is the difference)."""
+def _convert_batch(batch: dict[str, list], indices: list[int], fields: dict[str, str], fmt: str,
+                   task: str) -> dict[str, list]:
+    """Batched map: unreadable rows are dropped from the output; ``_row`` names the rows kept."""
     names = SFT_COLUMNS if task == "sft" else PREF_COLUMNS
-    out: dict[str, list] = {name: [] for name in names}
-    for i in range(len(next(iter(batch.values())))):
+    out: dict[str, list] = {name: [] for name in (*names, "_row")}
+    for i, index in enumerate(indices):
         try:
             record = _convert({field: batch[col][i] for field, col in fields.items()}, fmt, task)
         except RowError:
             continue
         for name in names:
             out[name].append(record[name])
+        out["_row"].append(index)
     return out
 
 
-def _load_jsonl(data_cfg, seed: int, task: str) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+def _load_jsonl(data_cfg, seed: int, task: str, tallies: dict) -> tuple[datasets.Dataset, datasets.Dataset | None]:
     import datasets
 
     check_data_files(data_cfg)
-    train_records, kind = _read_records(data_cfg, "train_file", task, None)
+    train_records, kind, identical = _read_records(data_cfg, "train_file", task, None)
     train = datasets.Dataset.from_list(train_records)
+    tallies["train"] = _tally(len(train_records) + identical)
+    _drop(tallies["train"], "identical_pair", identical)
     if _setting(data_cfg, "eval_file") is not None:
-        eval_records, _ = _read_records(data_cfg, "eval_file", task, kind)
+        eval_records, _, identical = _read_records(data_cfg, "eval_file", task, kind)
         eval_ = datasets.Dataset.from_list(eval_records)
+        tallies["eval"] = _tally(len(eval_records) + identical)
+        _drop(tallies["eval"], "identical_pair", identical)
     else:
         train, eval_ = _holdout(train, data_cfg.eval_fraction, seed, f"data.train_file={data_cfg.train_file}")
-    train = _cap(train, data_cfg.max_train_samples, seed, "max_train_samples")
+        if eval_ is not None:  # the held-out records count as the eval split's, not the train split's
+            tallies["train"]["loaded"] -= len(eval_)
+            tallies["eval"] = _tally(len(eval_))
+    capped = _cap(train, data_cfg.max_train_samples, seed, "max_train_samples")
+    _drop(tallies["train"], "capped", len(train) - len(capped))
+    train = capped
     if eval_ is not None:
-        eval_ = _cap(eval_, data_cfg.max_eval_samples, seed, "max_eval_samples")
+        capped = _cap(eval_, data_cfg.max_eval_samples, seed, "max_eval_samples")
+        _drop(tallies["eval"], "capped", len(eval_) - len(capped))
+        eval_ = capped
     return train, eval_
 
 
-def _read_records(data_cfg, key: str, task: str, kind: str | None) -> tuple[list[dict], str]:
+def _read_records(data_cfg, key: str, task: str, kind: str | None) -> tuple[list[dict], str, int]:
     """Validate and convert every record of one file; ``kind`` (standard/conversational) must match
-    across records and files, since a trainer applies the chat template to all rows or none."""
+    across records and files, since a trainer applies the chat template to all rows or none.
+    Returns the records, their kind and how many identical pairs were dropped."""
     path = _setting(data_cfg, key)
     where = f"data.{key}={path}"
     fmt, fields, records, identical = data_cfg.format, None, [], []
@@ -224,7 +437,7 @@ def _read_records(data_cfg, key: str, task: str, kind: str | None) -> tuple[list
     for line_no, obj in _jsonl_objects(Path(path).expanduser(), where):
         if fields is None:
             if fmt == "auto":
-                fmt = _detect(list(obj), data_cfg.columns, f"{where} line {line_no}")
+                fmt = _detect(list(obj), data_cfg.columns, f"{where} line {line_no}", [obj])
             fields = _field_columns(fmt, task, data_cfg.columns, list(obj), where)
         missing = [col for col in fields.values() if col not in obj]
         if missing:
@@ -257,7 +470,7 @@ def _read_records(data_cfg, key: str, task: str, kind: str | None) -> tuple[list
                     "they carry no preference", where, len(identical), total, lines)
     if not records:
         raise ConfigError(f"{where}: empty file (no records). Add one JSON object per line.")
-    return records, kind
+    return records, kind, len(identical)
 
 
 def _jsonl_objects(path: Path, where: str):
@@ -308,14 +521,27 @@ def _cap(ds: datasets.Dataset, cap: int | None, seed: int, key: str) -> datasets
 # ---------------------------------------------------------------- columns and layout
 
 
-def _detect(columns: list[str], colmap, where: str) -> str:
+def _detect(columns: list[str], colmap, where: str, rows=()) -> str:
+    """The layout from the columns present; ``rows`` (a few source records) tell HH transcripts apart."""
     names = {field: getattr(colmap, field) for field in ("prompt", "completion", "chosen", "rejected", "messages")}
     for fmt, needed in AUTO_LAYOUTS:
         if all(names[f] is not None and names[f] in columns for f in needed):
             return fmt
-    accepted = "; ".join(f"{'+'.join(names[f] or f'<{f}>' for f in needed)} ({fmt})" for fmt, needed in AUTO_LAYOUTS)
+    pair = [names["chosen"], names["rejected"]]
+    if all(col is not None and col in columns for col in pair) and not (names["prompt"] and names["prompt"] in columns):
+        values = [row[col] for row in rows for col in pair]
+        if values and all(_looks_hh(v) for v in values):
+            return "hh"
+    accepted = [f"{'+'.join(names[f] or f'<{f}>' for f in needed)} ({fmt})" for fmt, needed in AUTO_LAYOUTS]
+    accepted.append(f"{'+'.join(n or f'<{f}>' for n, f in zip(pair, ('chosen', 'rejected')))} transcripts (hh)")
     raise ConfigError(f"{where}: cannot tell the layout from columns {', '.join(map(repr, columns)) or '(none)'}. "
-                      f"Accepted: {accepted}.\nRename them with data.columns.<field>=<column>, or set data.format.")
+                      f"Accepted: {'; '.join(accepted)}.\nRename them with data.columns.<field>=<column>, or set "
+                      f"data.format (data.format=hh for \"Human: ... Assistant: ...\" transcripts).")
+
+
+def _looks_hh(value: Any) -> bool:
+    """An HH transcript: ``"\\n\\nHuman: ..."`` (the odd row ends without an assistant turn)."""
+    return isinstance(value, str) and (value.startswith(("\n\nHuman:", "Human:")) or "\n\nAssistant:" in value)
 
 
 def _field_columns(fmt: str, task: str, colmap, available: list[str], where: str) -> dict[str, str]:

@@ -17,6 +17,14 @@ Design, from measurements on this task (README, "The embedded task"):
   which caps any reward model's accuracy.
 * Held-out prompts never appear in the training splits.
 
+The same task in chat form (``data.synthetic.form=chat``, ``data=synthetic_chat``) asks in words and
+answers in plain digits, as messages the model's chat template renders:
+
+    [{"role": "user", "content": "Sort these digits: 3 1 4 1 5"}]  ->  [{"role": "assistant", "content": "1 1 3 4 5"}]
+
+with the same demonstrator habit, annotators and gold reward (parsed from the answer text), so a
+model with a real tokenizer and chat template gets a gold score too.
+
 Gold is for evaluation only: no phase trains on it unless a config asks for it.
 Pure Python (``random``), so the data is identical on every machine for a given seed.
 """
@@ -28,13 +36,15 @@ import random
 from dataclasses import dataclass
 
 SEPARATOR = "="
+CHAT_INSTRUCTION = "Sort these digits:"
 
 
 @dataclass(frozen=True)
 class Pair:
-    prompt: str
-    chosen: str
-    rejected: str
+    # strings (plain form) or message lists (chat form)
+    prompt: str | list
+    chosen: str | list
+    rejected: str | list
     gold_chosen: float
     gold_rejected: float
 
@@ -47,8 +57,23 @@ def answer_text(digits: list[int]) -> str:
     return "".join(f" {d}" for d in digits)
 
 
-def parse_prompt(prompt: str) -> list[int]:
+def chat_prompt(prompt: str) -> list[dict[str, str]]:
+    """The plain prompt "3 1 4 1 5 =" as the chat form's user message."""
+    return [{"role": "user", "content": f"{CHAT_INSTRUCTION} {' '.join(map(str, parse_prompt(prompt)))}"}]
+
+
+def chat_answer(answer: str) -> list[dict[str, str]]:
+    """The plain answer " 1 1 3 4 5" as the chat form's assistant message "1 1 3 4 5"."""
+    return [{"role": "assistant", "content": " ".join(parse_answer(answer))}]
+
+
+def parse_prompt(prompt: str | list[dict]) -> list[int]:
+    """Digits of a prompt in either form (a chat prompt: its last user message)."""
+    if isinstance(prompt, list):
+        prompt = next(m["content"] for m in reversed(prompt) if m["role"] == "user")
     body = prompt.strip()
+    if body.startswith(CHAT_INSTRUCTION):
+        body = body[len(CHAT_INSTRUCTION):]
     if body.endswith(SEPARATOR):
         body = body[: -len(SEPARATOR)]
     return [int(tok) for tok in body.split()]
@@ -59,8 +84,9 @@ def parse_answer(text: str) -> list[str]:
     return text.replace(SEPARATOR, " ").split()
 
 
-def gold_reward(prompt: str, answer: str) -> float:
-    """Fraction of positions equal to the sorted prompt; missing or extra positions count as wrong."""
+def gold_reward(prompt: str | list[dict], answer: str) -> float:
+    """Fraction of positions equal to the sorted prompt; missing or extra positions count as wrong.
+    ``prompt`` in either form; ``answer`` is the answer's text (a chat answer: the message content)."""
     target = [str(d) for d in sorted(parse_prompt(prompt))]
     got = parse_answer(answer)
     right = sum(1 for t, g in zip(target, got) if t == g)
@@ -201,7 +227,8 @@ def bt_temperature(gaps: list[float], agreement: float) -> float:
 
 
 def build_task_data(syn, seed: int) -> dict:
-    """Every split of the embedded task for a ``data.synthetic`` config node."""
+    """Every split of the embedded task for a ``data.synthetic`` config node (plain strings; the chat
+    form is rendered from them by ``chat_form``, so both forms hold the same examples)."""
     task = SortTask(num_digits=syn.num_digits, seed=seed)
     eval_prompts = task.eval_prompts(syn.num_eval_prompts)
     held_out = set(eval_prompts)
@@ -214,3 +241,17 @@ def build_task_data(syn, seed: int) -> dict:
         "pref_eval": task.preference_pairs(syn.num_pref_eval, "pref-eval", **pref_args),
         "eval_prompts": eval_prompts,
     }
+
+
+def chat_form(splits: dict) -> dict:
+    """The splits of ``build_task_data`` as chat messages: same prompts, answers, pairs and golds."""
+    def sft(records):
+        return [{"prompt": chat_prompt(r["prompt"]), "completion": chat_answer(r["completion"])} for r in records]
+
+    def pairs(ps):
+        return [Pair(chat_prompt(p.prompt), chat_answer(p.chosen), chat_answer(p.rejected), p.gold_chosen,
+                     p.gold_rejected) for p in ps]
+
+    return {"sft_train": sft(splits["sft_train"]), "sft_eval": sft(splits["sft_eval"]),
+            "pref_train": pairs(splits["pref_train"]), "pref_eval": pairs(splits["pref_eval"]),
+            "eval_prompts": [chat_prompt(p) for p in splits["eval_prompts"]]}

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from rlhf_exp.config.schema import RunConfig, resumable_checkpoints
+from rlhf_exp.config.schema import RunConfig, learning_rate, resumable_checkpoints
 
 
 def _checkpointing_key() -> str:
@@ -52,7 +52,7 @@ def training_kwargs(cfg: RunConfig, run_dir: Path, has_eval: bool, best_metric: 
     by_steps = phase.save_steps is not None
     return {
         "output_dir": str(run_dir / "checkpoints" / "trainer"),
-        "learning_rate": phase.learning_rate,
+        "learning_rate": learning_rate(phase, hw),
         "num_train_epochs": phase.num_epochs,
         "max_steps": phase.max_steps,
         "per_device_train_batch_size": phase.per_device_train_batch_size,

@@ -21,6 +21,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from rlhf_exp.data.encode import is_chat, pad, position_ids, scored_ids
+from rlhf_exp.data.encode import prompt_ids as encode_prompt
+from rlhf_exp.evaluation import own_generation_config, score_ids
 from rlhf_exp.ppo import core
 
 
@@ -34,13 +37,15 @@ class Rollout:
     ref_logprobs: torch.Tensor
     values: torch.Tensor
     scores: torch.Tensor  # raw reward-model scores, [B]
-    prompts: list[str]
+    prompts: list  # strings or message lists, as in the data
     texts: list[str]
 
 
 def token_logprobs(model, input_ids, attention_mask, prompt_len: int, temperature: float):
-    """Log-probabilities (and entropies) of the response tokens under ``model``."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, prompt_len - 1:-1].float()
+    """Log-probabilities (and entropies) of the response tokens under ``model``, positions counted over
+    real tokens (the prompts are left-padded), as generate() counted them."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=position_ids(attention_mask)).logits[:, prompt_len - 1:-1].float()
     logits = logits / temperature
     logp_all = torch.log_softmax(logits, dim=-1)
     logprobs = torch.gather(logp_all, 2, input_ids[:, prompt_len:].unsqueeze(-1)).squeeze(-1)
@@ -49,37 +54,53 @@ def token_logprobs(model, input_ids, attention_mask, prompt_len: int, temperatur
 
 
 class SeededSampler:
-    """A logits processor that turns greedy decoding into sampling (temperature, top-p, then inverse-CDF
+    """A logits processor that turns greedy decoding into sampling at ``temperature`` (inverse-CDF
     sampling with one uniform number per row and token) from a generator seeded per PPO step. The
     numbers are drawn for the whole rollout batch and each process uses the rows of its own prompts,
     so a prompt's answer is the same whichever process generated it and however many there are: a
-    2-process run samples exactly what 1 process samples, and rollouts are reproducible from the seed."""
+    2-process run samples exactly what 1 process samples, and rollouts are reproducible from the seed.
+    It samples from softmax(logits / temperature), the distribution ``token_logprobs`` scores: no
+    top-p/top-k truncation (refused by validate) and no processor from the checkpoint's generation
+    config (``own_generation_config``), so PPO's old log-probabilities describe the sampler exactly."""
 
-    def __init__(self, temperature: float, top_p: float, seed: int, rows: slice, total_rows: int, device):
-        self.temperature, self.top_p, self.rows, self.total_rows = temperature, top_p, rows, total_rows
+    def __init__(self, temperature: float, seed: int, rows: slice, total_rows: int, device):
+        self.temperature, self.rows, self.total_rows = temperature, rows, total_rows
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        logits = core.top_p_filter(scores.float() / self.temperature, self.top_p)
-        cdf = torch.softmax(logits, dim=-1).cumsum(-1)
+        cdf = torch.softmax(scores.float() / self.temperature, dim=-1).cumsum(-1)
         u = torch.rand(self.total_rows, generator=self.generator, device=self.generator.device)[self.rows]
         pick = torch.searchsorted(cdf, (u.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)).clamp(max=cdf.shape[-1] - 1)
         # greedy decoding then takes exactly the sampled token
-        return torch.full_like(logits, float("-inf")).scatter(-1, pick, 0.0)
+        return torch.full_like(scores, float("-inf")).scatter(-1, pick, 0.0)
+
+
+def sample(model, tokenizer, input_ids, attention_mask, sampler: SeededSampler, max_new_tokens: int):
+    """Prompt + sampled answer ids: greedy decoding over the sampler's one-hot logits, with no processor
+    of the checkpoint's own generation config (repetition penalty, top-k, ...) in between."""
+    from transformers import LogitsProcessorList
+
+    with own_generation_config(model, tokenizer, do_sample=False, max_new_tokens=max_new_tokens) as config:
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                              logits_processor=LogitsProcessorList([sampler]))
 
 
 def token_values(critic, input_ids, attention_mask, prompt_len: int):
-    return critic(input_ids=input_ids, attention_mask=attention_mask).logits[:, prompt_len - 1:-1, 0].float()
+    return critic(input_ids=input_ids, attention_mask=attention_mask,
+                  position_ids=position_ids(attention_mask)).logits[:, prompt_len - 1:-1, 0].float()
 
 
 class PPOTrainer:
-    def __init__(self, phase, policy, critic, reward_model, tokenizer, prompts: list[str], reward_stats: dict | None,
-                 seed: int, accelerator, reference=None, gold_fn=None):
+    def __init__(self, phase, policy, critic, reward_model, tokenizer, prompts: list, reward_stats: dict | None,
+                 seed: int, accelerator, reference=None, gold_fn=None, policy_lr: float | None = None,
+                 prompt_ids: list[list[int]] | None = None):
         self.phase = phase
         self.accelerator = accelerator
         self.reference = reference  # None: the policy with its LoRA adapters disabled
         self.tokenizer = tokenizer
-        self.prompts = prompts
+        self.prompts = prompts  # strings or message lists
+        # as SFT tokenized them (one BOS), unless the caller already has them
+        self.prompt_ids = prompt_ids or [encode_prompt(tokenizer, p) for p in prompts]
         self.reward_stats = reward_stats
         self.gold_fn = gold_fn
         self.seed = seed
@@ -91,7 +112,8 @@ class PPOTrainer:
         for model in (policy, critic):
             disable_dropout(model)
         trainable = [p for p in policy.parameters() if p.requires_grad]
-        policy_opt = torch.optim.AdamW(trainable, lr=phase.learning_rate, weight_decay=phase.weight_decay)
+        # policy_lr: phase.lora_learning_rate for LoRA adapters; the critic is trained whole at learning_rate
+        policy_opt = torch.optim.AdamW(trainable, lr=policy_lr or phase.learning_rate, weight_decay=phase.weight_decay)
         critic_opt = torch.optim.AdamW(critic.parameters(), lr=phase.learning_rate, weight_decay=phase.weight_decay)
         # accelerate places the trained models and wraps them for DDP when several processes run
         self.policy, self.critic, self.policy_opt, self.critic_opt = accelerator.prepare(
@@ -116,39 +138,31 @@ class PPOTrainer:
         """Sample answers for ``rollout_batch_size`` prompts; with several processes each generates and
         scores its share, and the results are gathered so every process holds the whole batch, in the
         order one process would have produced it."""
-        from transformers import LogitsProcessorList
-
         tok, phase, acc = self.tokenizer, self.phase, self.accelerator
         total = phase.rollout_batch_size
         pick = torch.randint(len(self.prompts), (total,), generator=self.generator).tolist()
         prompts = [self.prompts[i] for i in pick]
         share = total // self.world
         rows = slice(self.rank * share, (self.rank + 1) * share)
-        side, tok.padding_side = tok.padding_side, "left"
-        batch = tok(prompts, return_tensors="pt", padding=True)  # every process pads to the batch's longest
-        tok.padding_side = side
-        batch = {k: v[rows].to(self.device) for k, v in batch.items()}
-        sampler = SeededSampler(phase.temperature, phase.top_p, self.seed * 1_000_003 + self.steps_done, rows, total,
-                                self.device)
+        # every process left-pads to the batch's longest prompt, so all share one prompt length
+        ids, attn = pad([self.prompt_ids[i] for i in pick], tok.pad_token_id, side="left")
+        ids, attn = ids[rows].to(self.device), attn[rows].to(self.device)
+        sampler = SeededSampler(phase.temperature, self.seed * 1_000_003 + self.steps_done, rows, total, self.device)
         self.policy.eval()
         # the bare model (out of DDP's wrapper) generates; PPO refuses ZeRO-3/FSDP, so its weights are whole
-        out = acc.unwrap_model(self.policy).generate(
-            **batch, do_sample=False, logits_processor=LogitsProcessorList([sampler]), max_new_tokens=phase.max_new_tokens,
-            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, temperature=None, top_p=None, top_k=None)
-        prompt_len = batch["input_ids"].shape[1]
+        out = sample(acc.unwrap_model(self.policy), tok, ids, attn, sampler, phase.max_new_tokens)
+        prompt_len = ids.shape[1]
         if self.world > 1:  # processes stop generating at different lengths: pad to the longest
             longest = int(acc.gather(torch.tensor([out.shape[1]], device=self.device)).max())
             out = torch.nn.functional.pad(out, (0, longest - out.shape[1]), value=tok.pad_token_id)
         response = out[:, prompt_len:]
         mask = core.response_mask(response, tok.eos_token_id, tok.pad_token_id)
-        attn = torch.cat([batch["attention_mask"], mask.long()], dim=1)
+        attn = torch.cat([attn, mask.long()], dim=1)
         logprobs, entropy = token_logprobs(self.policy, out, attn, prompt_len, phase.temperature)
         ref_logprobs = self._reference_logprobs(out, attn, prompt_len)
         values = token_values(self.critic, out, attn, prompt_len)
-        # the reward model reads the answer up to its EOS: tokens after it become padding
-        scored = torch.where(attn.bool(), out, torch.full_like(out, tok.pad_token_id))
-        scores = self.reward_model(input_ids=scored, attention_mask=attn).logits[:, 0].float()
         texts = tok.batch_decode(response * mask.long() + tok.pad_token_id * (1 - mask.long()), skip_special_tokens=True)
+        scores = self._scores(prompts[rows], [self.prompt_ids[i] for i in pick[rows]], response, mask, texts)
         tensors = [out, attn, mask, logprobs, ref_logprobs, values, scores, entropy]
         if self.world > 1:
             from accelerate.utils import gather_object
@@ -158,6 +172,18 @@ class PPOTrainer:
         out, attn, mask, logprobs, ref_logprobs, values, scores, entropy = tensors
         rollout = Rollout(out, attn, prompt_len, mask, logprobs, ref_logprobs, values, scores, prompts, texts)
         return rollout, core.masked_mean(entropy, mask)
+
+    def _scores(self, prompts: list, prompt_ids: list[list[int]], response, mask, texts: list[str]) -> torch.Tensor:
+        """Reward-model scores on the ids RewardTrainer trained on (``rlhf_exp.data.encode``). Chat prompts:
+        the conversation with the answer's text as the assistant turn, through the chat template, so the
+        template's tail (Qwen's "<|im_end|>\\n") is there and the score is read where training read it.
+        Plain prompts: the prompt's ids, then the answer's up to its EOS (tokens after it are dropped)."""
+        if is_chat(prompts[0]):
+            rows = [scored_ids(self.tokenizer, p, t) for p, t in zip(prompts, texts)]
+        else:
+            lengths = mask.sum(1).long().tolist()
+            rows = [p + response[i, :n].tolist() for i, (p, n) in enumerate(zip(prompt_ids, lengths))]
+        return score_ids(self.reward_model, rows, self.tokenizer.pad_token_id, self.device).to(self.device)
 
     def shaped_scores(self, r: Rollout) -> torch.Tensor:
         """RM score, normalised and clipped, minus the length and missing-EOS penalties."""

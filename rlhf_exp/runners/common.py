@@ -52,14 +52,18 @@ def start(cfg: RunConfig, run: Run):
     return sft, load_tokenizer(cfg.model, checkpoint=sft["checkpoint"] if sft else None)
 
 
-def phase_data(cfg: RunConfig, tokenizer, preferences: bool) -> PhaseData:
+def phase_data(cfg: RunConfig, tokenizer, preferences: bool, run: Run | None = None) -> PhaseData:
     """The phase's data (demonstrations, or preference pairs), checked against the tokenizer: chat
-    messages need a chat template."""
+    messages need a chat template. What the loader read and dropped goes into the run's summary."""
     from rlhf_exp.data.loading import preference_data, sft_data
     from rlhf_exp.models import check_chat_template
 
-    data = preference_data(cfg.data) if preferences else sft_data(cfg.data)
+    counts: dict = {}
+    data = preference_data(cfg.data, counts) if preferences else sft_data(cfg.data, counts)
     check_chat_template(tokenizer, cfg.model, data.train)
+    if run is not None:
+        for split, split_counts in counts.items():
+            run.record_data(split, **split_counts)
     return data
 
 
@@ -129,6 +133,10 @@ def train_and_evaluate(cfg: RunConfig, run: Run, built: Built) -> dict:
     from rlhf_exp.tracking.hf_callback import CompactProgress
 
     trainer, log, metrics = built.trainer, built.log, built.metrics
+    from rlhf_exp.data.report import report_trainer_data
+
+    report_trainer_data(run, cfg.phase.name, trainer, len(built.data.train),
+                        len(built.data.eval) if built.data.eval is not None else None, cfg.phase.max_length)
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(CompactProgress())
     resume_from = None

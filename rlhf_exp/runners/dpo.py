@@ -18,7 +18,7 @@ def build(cfg: RunConfig, run: Run):
     from rlhf_exp.runners.common import Built, callbacks, phase_data, record_initial_gold, start
 
     sft, tokenizer = start(cfg, run)
-    data = phase_data(cfg, tokenizer, preferences=True)
+    data = phase_data(cfg, tokenizer, preferences=True, run=run)
     model = load_causal_lm(cfg.model, cfg.hardware, tokenizer, checkpoint=sft["checkpoint"])
     metrics: dict = {"sft_run": sft["run_id"]}
     record_initial_gold(cfg, model, tokenizer, data, run, metrics)

@@ -8,21 +8,34 @@ from rlhf_exp.config.schema import RunConfig
 from rlhf_exp.tracking.run import Run
 
 
-def _prompts(cfg: RunConfig, tokenizer) -> tuple[list[str], object]:
-    """Training prompts (from the preference data's prompts) as text, and the phase's data."""
+def _prompts(cfg: RunConfig, tokenizer, run: Run) -> tuple[list, list[list[int]], object]:
+    """Training prompts (the preference data's prompts, strings or message lists, each once), their ids
+    as SFT tokenized them, and the phase's data. A prompt whose ids leave fewer than max_new_tokens within
+    phase.max_length is dropped (cutting a chat prompt would cut its template), counted and reported once."""
+    import json
+
+    from rlhf_exp.data.encode import prompt_ids
     from rlhf_exp.runners.common import phase_data
 
-    data = phase_data(cfg, tokenizer, preferences=True)
-    prompts = list(dict.fromkeys(
-        p if isinstance(p, str) else tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-        for p in data.train["prompt"]))
-    return prompts, data
+    data = phase_data(cfg, tokenizer, preferences=True, run=run)
+    unique = {json.dumps(p, sort_keys=True): p for p in data.train["prompt"]}
+    budget = cfg.phase.max_length - cfg.phase.max_new_tokens
+    encoded = [(p, prompt_ids(tokenizer, p)) for p in unique.values()]
+    prompts = [(p, ids) for p, ids in encoded if len(ids) <= budget]
+    run.count_length(dropped=len(unique) - len(prompts), truncated=0, total=len(unique), split="train prompts",
+                     rule=f"prompt longer than phase.max_length - phase.max_new_tokens = {budget} tokens")
+    if not prompts:
+        from rlhf_exp.config.errors import ConfigError
+
+        raise ConfigError(f"every PPO prompt is longer than phase.max_length={cfg.phase.max_length} - "
+                          f"phase.max_new_tokens={cfg.phase.max_new_tokens} tokens: raise phase.max_length")
+    return [p for p, _ in prompts], [ids for _, ids in prompts], data
 
 
 def run(cfg: RunConfig, run: Run) -> dict:
     from accelerate import Accelerator
 
-    from rlhf_exp.config.schema import resumable_checkpoints
+    from rlhf_exp.config.schema import learning_rate, resumable_checkpoints
     from rlhf_exp.data.synthetic import gold_reward
     from rlhf_exp.models import load_causal_lm, load_reward_model, load_value_model, lora_config, save_for_next_phase
     from rlhf_exp.ppo.trainer import PPOTrainer, frozen_copy, load_reward_stats
@@ -31,7 +44,7 @@ def run(cfg: RunConfig, run: Run) -> dict:
 
     sft, tokenizer = start(cfg, run)
     rm = run.parent("rm")
-    prompts, data = _prompts(cfg, tokenizer)
+    prompts, prompt_ids, data = _prompts(cfg, tokenizer, run)
     policy = load_causal_lm(cfg.model, cfg.hardware, tokenizer, checkpoint=sft["checkpoint"])
     metrics: dict = {"sft_run": sft["run_id"], "reward_run": rm["run_id"]}
     record_initial_gold(cfg, policy, tokenizer, data, run, metrics)
@@ -49,7 +62,11 @@ def run(cfg: RunConfig, run: Run) -> dict:
                               mixed_precision={"fp32": "no"}.get(str(cfg.hardware.precision), str(cfg.hardware.precision)))
     trainer = PPOTrainer(cfg.phase, policy, critic, reward_model, tokenizer, prompts,
                          load_reward_stats(rm["path"]), cfg.seed, accelerator, reference=reference,
-                         gold_fn=gold_reward if data.eval_prompts else None)
+                         gold_fn=gold_reward if data.eval_prompts else None,
+                         policy_lr=learning_rate(cfg.phase, cfg.hardware), prompt_ids=prompt_ids)
+    from rlhf_exp.data.report import preview_prompts
+
+    run.write_preview(preview_prompts(trainer.prompt_ids, tokenizer))
     steps = cfg.phase.max_steps if cfg.phase.max_steps > 0 else max(
         1, int(cfg.phase.num_epochs * len(prompts) / cfg.phase.rollout_batch_size))
     checkpoints = run.checkpoint_dir / "trainer" if resumable_checkpoints(cfg.phase) else None

@@ -25,7 +25,7 @@ def build(cfg: RunConfig, run: Run):
     from rlhf_exp.runners.common import Built, callbacks, phase_data, start
 
     sft, tokenizer = start(cfg, run)
-    data = phase_data(cfg, tokenizer, preferences=True)
+    data = phase_data(cfg, tokenizer, preferences=True, run=run)
     model = load_reward_model(cfg.model, cfg.hardware, tokenizer, sft["checkpoint"])
     if cfg.phase.freeze_embeddings:
         model.get_input_embeddings().requires_grad_(False)

@@ -15,7 +15,7 @@ def build(cfg: RunConfig, run: Run):
     from rlhf_exp.runners.common import Built, callbacks, phase_data, record_initial_gold, start
 
     _, tokenizer = start(cfg, run)
-    data = phase_data(cfg, tokenizer, preferences=False)
+    data = phase_data(cfg, tokenizer, preferences=False, run=run)
     model = load_causal_lm(cfg.model, cfg.hardware, tokenizer)
     metrics: dict = {}
     record_initial_gold(cfg, model, tokenizer, data, run, metrics)

@@ -48,6 +48,11 @@ def lineage_keys(cfg: DictConfig) -> dict[str, str]:
             "data_key": _digest(data)}
 
 
+def model_label(cfg: DictConfig) -> str:
+    """The model as manifests name it: the preset, or for model=local (any folder or hub id) its path."""
+    return str(cfg.model.path) if cfg.model.name == "local" else str(cfg.model.name)
+
+
 def read_manifest(run_dir: Path) -> dict | None:
     try:
         manifest = json.loads((run_dir / "manifest.json").read_text())
@@ -130,7 +135,7 @@ def resolve_parents(cfg: DictConfig, announce: bool = True) -> list[dict]:
             manifest = latest_run(cfg.output_root, phase, lineage_keys(cfg))
             if manifest is None:
                 others = [m for m in find_runs(cfg.output_root) if m.get("phase") == phase
-                          and m.get("status") == "succeeded" and m.get("model") == cfg.model.name
+                          and m.get("status") == "succeeded" and m.get("model") == model_label(cfg)
                           and m.get("data") == cfg.data.name]
                 note = (f" ({len(others)} {phase} run(s) of model={cfg.model.name} data={cfg.data.name} exist with "
                         f"other model or data settings; pass one with phase.{key}=<run folder>)") if others else ""

@@ -29,7 +29,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from rlhf_exp.launch.signals import GUARD, Interrupted
-from rlhf_exp.tracking.lineage import PARENTS, lineage_keys
+from rlhf_exp.tracking.lineage import PARENTS, lineage_keys, model_label
 from rlhf_exp.tracking.secrets import scrub, scrub_files
 
 VOLATILE_KEYS = ("output_root", "dry_run", "tag", "resume")
@@ -101,6 +101,8 @@ class Run:
         # continuing this folder's run from its latest checkpoint: its earlier metrics stay
         self.resuming = resume
         self.previous: list[dict[str, Any]] = []
+        # what the loaders read and the trainers kept, per split (summary.json "data")
+        self.data: dict[str, dict[str, Any]] = {}
 
     # -- lifecycle --------------------------------------------------------------------------
     def __enter__(self) -> Run:
@@ -118,7 +120,7 @@ class Run:
             "run_id": self.run_id,
             "phase": self.phase,
             "status": "running",
-            "model": str(self.cfg.model.name),
+            "model": model_label(self.cfg),
             "data": str(self.cfg.data.name),
             "config_hash": config_hash(self.cfg),
             **lineage_keys(self.cfg),
@@ -213,6 +215,28 @@ class Run:
         for sink in self._sinks:
             sink.log(metrics, step)
 
+    def record_data(self, split: str, **counts: Any) -> None:
+        """Counts of one split (``loaded``, ``kept``, ``dropped`` by reason, ``truncated``...), merged."""
+        entry = self.data.setdefault(split, {})
+        for key, value in counts.items():
+            if isinstance(value, dict) and isinstance(entry.get(key), dict):
+                entry[key] = {**entry[key], **value}
+            else:
+                entry[key] = value
+
+    def count_length(self, split: str, total: int, dropped: int, truncated: int, rule: str) -> None:
+        """Records cut or dropped for length: counted in summary.json and said once, never silently."""
+        self.record_data(split, length_limit={"rule": rule, "of": total, "dropped": dropped, "truncated": truncated})
+        if self.main and (dropped or truncated):
+            parts = [f"{n} {what}" for n, what in ((dropped, "dropped"), (truncated, "truncated")) if n]
+            print(f"rlhf_exp: warning: {split}: {' and '.join(parts)} of {total} records for length ({rule}); "
+                  "raise phase.max_length to keep them whole (counts in summary.json 'data')", file=sys.stderr)
+
+    def write_preview(self, rows: list[dict[str, Any]]) -> None:
+        """data_preview.jsonl: the first records as the trainer sees them (rendered text, token count)."""
+        if self.main and rows:
+            write_text_atomic(self.dir / "data_preview.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
     def finish(self, metrics: dict[str, Any], checkpoint: str | Path | None) -> dict[str, Any]:
         summary = {
             "phase": self.phase,
@@ -220,6 +244,8 @@ class Run:
             "metrics": {k: _clean(v) for k, v in metrics.items()},
             "checkpoint": str(checkpoint) if checkpoint is not None else None,
         }
+        if self.data:
+            summary["data"] = self.data
         if self.main:
             write_json_atomic(self.dir / "summary.json", summary)
             self.manifest["checkpoint"] = summary["checkpoint"]

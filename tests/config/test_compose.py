@@ -19,6 +19,10 @@ COMPANIONS = {
     ("model", "llama3_8b"): ["data=hh_rlhf", "hardware=a100x1"],
     ("model", "mistral_7b_v03"): ["data=ultrafeedback_binarized", "hardware=a100x1"],
     ("model", "qwen2_5_7b"): ["data=ultrafeedback_binarized", "hardware=a100x1"],
+    ("model", "llama3_1_8b"): ["data=ultrafeedback_binarized", "hardware=a100x1"],
+    ("model", "llama3_1_8b_instruct"): ["data=hh_rlhf", "hardware=a100x1"],
+    ("model", "local"): ["model.path=org/my-model", "data=synthetic_chat"],
+    ("data", "synthetic_chat"): ["model=local", "model.path=org/my-model"],
 }
 
 

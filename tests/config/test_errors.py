@@ -28,7 +28,8 @@ def test_wrong_type_names_key_value_and_type(compose):
 
 def test_unknown_group_option_lists_valid_ones(compose):
     message = error_of(compose, ["model=nope"])
-    assert message == "model=nope: no such option. Valid options for model: llama3_8b, mistral_7b_v03, qwen2_5_7b, tiny"
+    assert message == ("model=nope: no such option. Valid options for model: llama3_1_8b, llama3_1_8b_instruct, llama3_8b, "
+                       "local, mistral_7b_v03, qwen2_5_7b, tiny")
 
 
 def test_setting_of_another_phase_names_its_owner(compose):
@@ -103,7 +104,8 @@ def test_fp16_on_cpu(compose):
     [
         (["phase=dpo", "phase.betta=0.1"], "unknown key 'phase.betta'"),
         (["phase.learning_rate=abc"], "'abc' is not a valid float"),
-        (["model=nope"], "Valid options for model: llama3_8b, mistral_7b_v03, qwen2_5_7b, tiny"),
+        (["model=nope"], "Valid options for model: llama3_1_8b, llama3_1_8b_instruct, llama3_8b, local, mistral_7b_v03, "
+                         "qwen2_5_7b, tiny"),
         (["phase=sft", "phase.beta=0.1"], "is a setting of phase=dpo"),
         (["data=jsonl", "model=qwen2_5_7b", "hardware=a100x1", "data.train_file=/no/such.jsonl"], "no such file"),
         (["-m", "phase.learning_rate=1e-3,abc"], "'abc' is not a valid float"),

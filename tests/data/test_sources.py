@@ -1,16 +1,29 @@
-"""Hub and JSONL loaders: layouts, split names, holdout, caps and the error messages users see.
+"""Hub and JSONL loaders: layouts, split names, holdout, caps, counts and the error messages users see.
 
 Configs come from the real presets through Hydra's compose; the hub is never called
-(``datasets.load_dataset`` is replaced by a recorder returning small in-memory sets).
+(``datasets.load_dataset`` is replaced by a recorder returning small in-memory sets). Local copies of
+hub data are small files written here in the public layouts of the hub repos:
+
+* Anthropic/hh-rlhf: ``<subset>/train.jsonl.gz``, ``<subset>/test.jsonl.gz`` (subsets harmless-base,
+  helpful-base, helpful-online, helpful-rejection-sampled; red-team-attempts/red_team_attempts.jsonl.gz
+  has no split name and is not read), each line ``{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...",
+  "rejected": ...}``; its README declares no configs.
+* HuggingFaceH4/ultrafeedback_binarized: ``data/{train,test}_{prefs,sft,gen}-00000-of-00001-<hash>.parquet``
+  with columns prompt (string), prompt_id (string), chosen/rejected/messages (list of {content, role}
+  strings), score_chosen/score_rejected (float64); its README's ``configs`` maps each split to
+  ``data/<split>-*``.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from hydra import compose, initialize_config_dir
 
@@ -345,3 +358,314 @@ def test_check_data_files(tmp_path):
 def test_synthetic_source_is_not_handled_here():
     with pytest.raises(ValueError, match="synthetic"):
         load_sft(data_cfg("data=synthetic"), seed=0)
+
+
+# ------------------------------------------------- local copies of hub data (data.path=<file or folder>)
+
+UF_MESSAGES = pa.list_(pa.struct([("content", pa.string()), ("role", pa.string())]))
+UF_SCHEMA = pa.schema([("prompt", pa.string()), ("prompt_id", pa.string()), ("chosen", UF_MESSAGES),
+                       ("rejected", UF_MESSAGES), ("messages", UF_MESSAGES), ("score_chosen", pa.float64()),
+                       ("score_rejected", pa.float64())])
+# the configs block of HuggingFaceH4/ultrafeedback_binarized's README.md (a full snapshot has it)
+UF_README = "---\nconfigs:\n- config_name: default\n  data_files:\n" + "".join(
+    f"  - split: {split}\n    path: data/{split}-*\n"
+    for split in ("train_prefs", "train_sft", "test_prefs", "test_sft", "train_gen", "test_gen")) + "---\n"
+
+
+@pytest.fixture(autouse=True)
+def datasets_cache(tmp_path, monkeypatch):
+    """Local copies are prepared by datasets into its cache: a fresh one per test, not the user's."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+
+
+def hh_rows(n: int, tag: str = "") -> list[dict]:
+    return [hh_row(chosen=f" Joke {tag}{i}.", rejected=f" No {tag}{i}.") for i in range(n)]
+
+
+def write_hh(path: Path, rows: list[dict]) -> Path:
+    """HH's own files: JSON Lines, gzipped when the name ends in .gz (train.jsonl.gz)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    if path.suffix == ".gz":
+        path.write_bytes(gzip.compress(text.encode()))
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(rows), encoding="utf-8")  # one JSON array
+    elif path.suffix == ".parquet":
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+def hh_snapshot(root: Path, subsets: dict[str, tuple[int, int]]) -> Path:
+    """A local copy of Anthropic/hh-rlhf: <subset>/{train,test}.jsonl.gz, red-team-attempts, a README."""
+    for subset, (n_train, n_test) in subsets.items():
+        write_hh(root / subset / "train.jsonl.gz", hh_rows(n_train, f"{subset} train "))
+        write_hh(root / subset / "test.jsonl.gz", hh_rows(n_test, f"{subset} test "))
+    red_team = root / "red-team-attempts" / "red_team_attempts.jsonl.gz"
+    red_team.parent.mkdir(parents=True)
+    red_team.write_bytes(gzip.compress(json.dumps([{"transcript": "\n\nHuman: Hi", "rating": 0}]).encode()))
+    (root / "README.md").write_text("---\nlicense: mit\ntags:\n- human-feedback\n---\n# Dataset Card for HH-RLHF\n")
+    return root
+
+
+def write_uf(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=UF_SCHEMA), path)
+    return path
+
+
+def uf_snapshot(root: Path, splits: dict[str, int], readme: bool = True) -> Path:
+    """A local copy of HuggingFaceH4/ultrafeedback_binarized: data/<split>-00000-of-00001-<hash>.parquet."""
+    for n, (split, rows) in enumerate(splits.items()):
+        start = 1000 * n
+        write_uf(root / "data" / f"{split}-00000-of-00001-{n:016x}.parquet",
+                 [uf_row(i) for i in range(start, start + rows)])
+    if readme:
+        (root / "README.md").write_text(UF_README)
+    return root
+
+
+def prompts(ds) -> list[str]:
+    return [p[-1]["content"] for p in ds["prompt"]]
+
+
+@pytest.mark.parametrize("name", ["train.jsonl", "train.jsonl.gz", "train.json", "train.parquet"])
+def test_hh_single_local_file_is_train_with_eval_held_out(tmp_path, caplog, name):
+    path = write_hh(tmp_path / name, hh_rows(20))
+    cfg = data_cfg("data=hh_rlhf", f"data.path={path}", "data.eval_fraction=0.25")
+    with caplog.at_level(logging.WARNING, logger="rlhf_exp.data.sources"):
+        train, eval_ = load_preferences(cfg, seed=0)
+        sft_train, sft_eval = load_sft(cfg, seed=0)
+
+    assert (len(train), len(eval_)) == (15, 5) and (len(sft_train), len(sft_eval)) == (15, 5)
+    assert train[0]["prompt"] == [user("Hi there"), bot("Hello! How can I help?"), user("Tell me a joke.")]
+    answers = sorted(c[0]["content"] for c in list(train["chosen"]) + list(eval_["chosen"]))
+    assert answers == sorted(f"Joke {i}." for i in range(20))
+    assert not {c[0]["content"] for c in train["chosen"]} & {c[0]["content"] for c in eval_["chosen"]}
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2  # once per load
+    assert warnings[0] == (f"data.path={path} is a single file, read as the train split: holding out 5 of its 20 "
+                           f"rows for eval (data.eval_fraction=0.25, seed 0).")
+    assert load_preferences(cfg, seed=0)[1]["chosen"] == eval_["chosen"]  # seeded
+
+
+def test_hh_local_snapshot_folder_reads_train_and_test_of_every_subset(tmp_path):
+    root = hh_snapshot(tmp_path / "hh-rlhf", {"harmless-base": (4, 2), "helpful-base": (3, 1)})
+    train, eval_ = load_preferences(data_cfg("data=hh_rlhf", f"data.path={root}"), seed=0)
+
+    assert (len(train), len(eval_)) == (7, 3)  # red_team_attempts.jsonl.gz carries no split name: not read
+    chosen = {c[0]["content"] for c in train["chosen"]}
+    assert "Joke harmless-base train 0." in chosen and "Joke helpful-base train 2." in chosen
+    assert {c[0]["content"] for c in eval_["chosen"]} == {
+        "Joke harmless-base test 0.", "Joke harmless-base test 1.", "Joke helpful-base test 0."}
+
+
+def test_hh_local_subset_folder_with_data_dir(tmp_path):
+    root = hh_snapshot(tmp_path / "hh-rlhf", {"harmless-base": (4, 2), "helpful-base": (3, 1)})
+    train, eval_ = load_sft(data_cfg("data=hh_rlhf", f"data.path={root}", "data.data_dir=helpful-base"), seed=0)
+
+    assert (len(train), len(eval_)) == (3, 1)
+    assert train.column_names == ["prompt", "completion"]
+    assert {c[0]["content"] for c in train["completion"]} == {f"Joke helpful-base train {i}." for i in range(3)}
+    assert eval_[0]["completion"] == [bot("Joke helpful-base test 0.")]
+
+
+def test_ultrafeedback_local_snapshot_folder_uses_the_configured_splits(tmp_path):
+    root = uf_snapshot(tmp_path / "ultrafeedback_binarized",
+                       {"train_prefs": 4, "test_prefs": 2, "train_sft": 3, "test_sft": 1, "train_gen": 2, "test_gen": 1})
+    cfg = data_cfg("data=ultrafeedback_binarized", f"data.path={root}")
+    train, eval_ = load_preferences(cfg, seed=0)
+    sft_train, sft_eval = load_sft(cfg, seed=0)
+
+    assert (len(train), len(eval_), len(sft_train), len(sft_eval)) == (4, 2, 3, 1)
+    assert train[0] == {"prompt": [user("Question 0?")], "chosen": [bot("Good answer 0")],
+                        "rejected": [bot("Bad answer 0")]}
+    assert prompts(eval_) == ["Question 1000?", "Question 1001?"]
+    assert prompts(sft_train) == ["Question 2000?", "Question 2001?", "Question 2002?"]
+    assert sft_eval[0]["completion"] == [bot("Good answer 3000")]
+
+
+def test_ultrafeedback_local_folder_without_eval_split_holds_it_out_of_train(tmp_path, caplog):
+    root = uf_snapshot(tmp_path / "uf", {"train_prefs": 20}, readme=False)  # split names from the file names
+    cfg = data_cfg("data=ultrafeedback_binarized", f"data.path={root}", "data.eval_fraction=0.25")
+    with caplog.at_level(logging.WARNING, logger="rlhf_exp.data.sources"):
+        train, eval_ = load_preferences(cfg, seed=0)
+
+    assert (len(train), len(eval_)) == (15, 5)
+    assert not set(prompts(train)) & set(prompts(eval_))
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning == (f"data.path={root} has no 'test_prefs' split (data.pref_eval_split; splits found: train_prefs), "
+                       f"so it comes out of 'train_prefs': holding out 5 of its 20 rows for eval "
+                       f"(data.eval_fraction=0.25, seed 0).")
+
+
+def test_local_folder_without_the_train_split_names_the_key_and_the_splits(tmp_path):
+    root = uf_snapshot(tmp_path / "uf", {"train_prefs": 3, "test_prefs": 1}, readme=False)
+    with pytest.raises(ConfigError) as exc:
+        load_sft(data_cfg("data=ultrafeedback_binarized", f"data.path={root}"), seed=0)
+    assert str(exc.value) == (f"data.sft_train_split=train_sft: data.path={root} has no such split (splits found: "
+                              f"test_prefs, train_prefs). Set data.sft_train_split to one of them, e.g. "
+                              f"data.sft_train_split=train_prefs.")
+    hh = hh_snapshot(tmp_path / "hh", {"harmless-base": (2, 1)})
+    with pytest.raises(ConfigError, match=r"data.pref_train_split=train_prefs: .* \(splits found: train, test\)"):
+        load_preferences(data_cfg("data=ultrafeedback_binarized", f"data.path={hh}"), seed=0)
+    (root / "README.md").write_text(UF_README)  # the hub's README, its other splits' files not downloaded
+    with pytest.raises(ConfigError, match=r"(?s)^data.path=.*: cannot tell its splits \(Couldn't infer .*\)\.\n"
+                                          r"Its README.md may name splits whose files are missing"):
+        load_preferences(data_cfg("data=ultrafeedback_binarized", f"data.path={root}"), seed=0)
+
+
+def test_ultrafeedback_single_local_parquet_file(tmp_path):
+    path = write_uf(tmp_path / "train_prefs-00000-of-00001-17309c769bfe5733.parquet",
+                    [uf_row(i, turns=2) for i in range(10)])
+    cfg = data_cfg("data=ultrafeedback_binarized", f"data.path={path}", "data.eval_fraction=0.2")
+    train, eval_ = load_preferences(cfg, seed=0)
+    sft_train, _ = load_sft(cfg, seed=0)
+
+    assert (len(train), len(eval_)) == (8, 2)
+    assert train.column_names == ["prompt", "chosen", "rejected"] and len(train[0]["prompt"]) == 1
+    i = prompts(sft_train)[0][len("Question "):-1]  # SFT reads messages: earlier turns are in the prompt
+    assert sft_train[0]["prompt"] == [user(f"Earlier {i}.0"), bot(f"Reply {i}.0"), user(f"Question {i}?")]
+
+
+def test_local_copy_rows_that_cannot_be_read_are_skipped_like_hub_rows(tmp_path, caplog):
+    rows = [*hh_rows(3), {"chosen": "\n\nHuman: Hi", "rejected": "\n\nHuman: Hi"}]
+    path = write_hh(tmp_path / "train.jsonl", rows)
+    with caplog.at_level(logging.WARNING, logger="rlhf_exp.data.sources"):
+        train, _ = load_preferences(data_cfg("data=hh_rlhf", f"data.path={path}", "data.eval_fraction=0.25"), seed=0)
+    assert len(train) == 2  # 4 rows: 1 held out, then 1 of the 3 left unreadable (which side is seeded)
+    assert any("skipped 1 of 3 rows: 1 unreadable as data.format=hh" in r.getMessage() for r in caplog.records)
+
+
+def test_local_copy_that_is_not_data_is_one_clear_error(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"chosen": "a", "rejected": "b"}\n{oops\n')
+    with pytest.raises(ConfigError, match=rf"^data.path={path}: cannot read it \(ArrowInvalid: JSON parse error"):
+        load_preferences(data_cfg("data=hh_rlhf", f"data.path={path}"), seed=0)
+
+
+# ------------------------------------------------------------------- hh auto-detection
+
+
+def test_jsonl_auto_detects_hh_transcripts(tmp_path):
+    path = write_jsonl(tmp_path / "hh.jsonl", hh_rows(2))
+    train, _ = load_preferences(jsonl_cfg(path), seed=0)
+    assert train[1] == {"prompt": [user("Hi there"), bot("Hello! How can I help?"), user("Tell me a joke.")],
+                        "chosen": [bot("Joke 1.")], "rejected": [bot("No 1.")]}
+    sft, _ = load_sft(jsonl_cfg(path), seed=0)
+    assert sft[0]["completion"] == [bot("Joke 0.")]
+
+
+def test_jsonl_chosen_rejected_text_without_prompt_lists_hh_in_the_message(tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", [{"chosen": "Paris.", "rejected": "Rome."}])
+    with pytest.raises(ConfigError) as exc:
+        load_preferences(jsonl_cfg(path), seed=0)
+    assert str(exc.value) == (
+        f"data.train_file={path} line 1: cannot tell the layout from columns 'chosen', 'rejected'. Accepted: "
+        f"prompt+chosen+rejected (preference); messages (messages); prompt+completion (prompt_completion); "
+        f"chosen+rejected transcripts (hh).\nRename them with data.columns.<field>=<column>, or set data.format "
+        f"(data.format=hh for \"Human: ... Assistant: ...\" transcripts).")
+
+
+def test_hub_auto_detects_hh(hub):
+    hub.splits = {"train": [hh_row()], "test": [hh_row(rejected=" Go away.")]}
+    train, _ = load_preferences(data_cfg("data=hh_rlhf", "data.format=auto"), seed=0)
+    assert train[0]["chosen"] == [bot("Why did the chicken cross the road?")]
+
+
+def test_local_copy_auto_detects_hh(tmp_path):
+    path = write_hh(tmp_path / "train.parquet", hh_rows(4))
+    train, _ = load_preferences(data_cfg("data=ultrafeedback_binarized", f"data.path={path}", "data.format=auto",
+                                         "data.eval_fraction=0.25"), seed=0)
+    assert len(train) == 3 and train[0]["prompt"][-1] == user("Tell me a joke.")
+
+
+# ----------------------------------------------------------------------------- counts
+
+
+def test_counts_jsonl_holdout_identical_pair_and_caps(tmp_path):
+    rows = [{"prompt": f"p{i}", "chosen": f"c{i}", "rejected": f"r{i}"} for i in range(20)]
+    rows[3] = {"prompt": "p3", "chosen": "same", "rejected": "same"}
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    counts: dict = {}
+    train, eval_ = load_preferences(data_cfg("data=jsonl", f"data.train_file={path}", "data.eval_fraction=0.25",
+                                             "data.max_train_samples=10"), seed=0, counts=counts)
+    # 20 read, 1 identical dropped, 5 of the 19 held out (counted as eval's), 14 capped to 10
+    assert counts == {"train": {"loaded": 15, "kept": 10, "dropped": {"identical_pair": 1, "capped": 4}},
+                      "eval": {"loaded": 5, "kept": 5, "dropped": {}}}
+    assert (len(train), len(eval_)) == (10, 5)
+
+
+def test_counts_jsonl_eval_file_and_no_eval(tmp_path):
+    train_file = write_jsonl(tmp_path / "t.jsonl", numbered(6))
+    eval_file = write_jsonl(tmp_path / "e.jsonl", numbered(4))
+    counts: dict = {}
+    load_sft(data_cfg("data=jsonl", f"data.train_file={train_file}", f"data.eval_file={eval_file}",
+                      "data.max_eval_samples=3"), seed=0, counts=counts)
+    assert counts == {"train": {"loaded": 6, "kept": 6, "dropped": {}},
+                      "eval": {"loaded": 4, "kept": 3, "dropped": {"capped": 1}}}
+    counts = {}
+    load_sft(jsonl_cfg(train_file), seed=0, counts=counts)  # eval_fraction=0: no eval split
+    assert counts == {"train": {"loaded": 6, "kept": 6, "dropped": {}}, "eval": None}
+
+
+def test_counts_hub_unreadable_identical_and_capped(hub):
+    no_answer = {"chosen": "\n\nHuman: Hi", "rejected": "\n\nHuman: Hi"}
+    tie = hh_row(chosen=" Same.", rejected=" Same.")
+    hub.splits = {"train": [*hh_rows(6), no_answer, tie], "test": [*hh_rows(3, "t"), no_answer]}
+    counts: dict = {}
+    train, eval_ = load_preferences(data_cfg("data=hh_rlhf"), seed=0, counts=counts)
+    assert counts == {"train": {"loaded": 8, "kept": 6, "dropped": {"unreadable": 1, "identical_pair": 1}},
+                      "eval": {"loaded": 4, "kept": 3, "dropped": {"unreadable": 1}}}
+    assert (len(train), len(eval_)) == (6, 3)
+
+    counts = {}
+    train, _ = load_preferences(data_cfg("data=hh_rlhf", "data.max_train_samples=5"), seed=0, counts=counts)
+    tally = counts["train"]
+    assert tally["loaded"] == 8 and tally["kept"] == len(train) and tally["dropped"]["capped"] == 3
+    assert tally["loaded"] == tally["kept"] + sum(tally["dropped"].values())
+
+
+def test_counts_local_copy_with_held_out_eval(tmp_path):
+    rows = [*hh_rows(18), {"chosen": "\n\nHuman: Hi", "rejected": "\n\nHuman: Hi"},
+            hh_row(chosen=" Same.", rejected=" Same.")]
+    counts: dict = {}
+    load_preferences(data_cfg("data=hh_rlhf", f"data.path={write_hh(tmp_path / 'train.jsonl.gz', rows)}",
+                              "data.eval_fraction=0.25"), seed=0, counts=counts)
+    assert counts["train"]["loaded"] + counts["eval"]["loaded"] == 20 and counts["eval"]["loaded"] == 5
+    for tally in counts.values():
+        assert tally["loaded"] == tally["kept"] + sum(tally["dropped"].values())
+    dropped = [counts[s]["dropped"] for s in ("train", "eval")]
+    assert sum(d.get("unreadable", 0) for d in dropped) == 1 and sum(d.get("identical_pair", 0) for d in dropped) == 1
+
+
+# ------------------------------------------------------------------ local path checks
+
+
+def test_check_data_files_refuses_missing_local_copies(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    hh = hh_snapshot(tmp_path / "hh-rlhf", {"harmless-base": (1, 1)})
+    check_data_files(data_cfg("data=hh_rlhf", f"data.path={hh}"))
+    check_data_files(data_cfg("data=hh_rlhf", f"data.path={hh}", "data.data_dir=harmless-base"))
+    check_data_files(data_cfg("data=hh_rlhf", "data.path=hh-rlhf"))  # relative, on disk
+    check_data_files(data_cfg("data=hh_rlhf", f"data.path={hh / 'harmless-base' / 'train.jsonl.gz'}"))
+    check_data_files(data_cfg("data=ultrafeedback_binarized"))  # a hub id: nothing to check here
+
+    for missing in (str(tmp_path / "nope"), "./nope", "data/hh-rlhf/train.jsonl",
+                    "hh-rlhf/harmless-base/none.jsonl.gz", "train.jsonl"):
+        with pytest.raises(ConfigError) as exc:
+            check_data_files(data_cfg("data=hh_rlhf", f"data.path={missing}"))
+        assert str(exc.value).startswith(f"data.path={missing}: no such file or folder (looked in /")
+        assert "Fix the path to your local copy, or give a hub id (org/name)." in str(exc.value)
+
+    with pytest.raises(ConfigError, match=r"^data.data_dir=harmless: no such folder in data.path=.*\(folders: "
+                                          r"harmless-base, red-team-attempts\). Fix data.data_dir"):
+        check_data_files(data_cfg("data=hh_rlhf", f"data.path={hh}", "data.data_dir=harmless"))
+    with pytest.raises(ConfigError, match=r"data.data_dir=harmless-base: picks a subfolder .* is a file"):
+        check_data_files(data_cfg("data=hh_rlhf", f"data.path={hh / 'harmless-base' / 'test.jsonl.gz'}",
+                                  "data.data_dir=harmless-base"))
+    with pytest.raises(ConfigError, match=r"data.path=.*README.md: cannot read this kind of file"):
+        check_data_files(data_cfg("data=hh_rlhf", f"data.path={hh / 'README.md'}"))
+    with pytest.raises(ConfigError, match=r"no such file or folder"):  # loading checks too
+        load_preferences(data_cfg("data=hh_rlhf", f"data.path={tmp_path / 'gone.jsonl'}"), seed=0)

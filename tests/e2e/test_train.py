@@ -211,6 +211,18 @@ def test_ppo_beats_sft_on_gold_within_the_kl_budget(sft_run, rm_run, tmp_path):
                    checkpoint_state(summary["checkpoint"]))
 
 
+def test_ppo_prompts_that_leave_no_room_to_answer_are_counted_and_refused(sft_run, rm_run, tmp_path):
+    """phase.max_length binds PPO too: a prompt whose ids leave fewer than max_new_tokens is dropped (here
+    every one: 7 prompt tokens, 13 - 8 = 5 left), said in one line, never silently generated past."""
+    proc = run_cli(["phase=ppo", f"phase.sft_run={sft_run}", f"phase.reward_run={rm_run}", "phase.max_length=13",
+                    f"output_root={tmp_path}"])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert ("warning: train prompts: 3919 dropped of 3919 records for length (prompt longer than phase.max_length - "
+            "phase.max_new_tokens = 5 tokens)") in proc.stderr
+    assert proc.stderr.strip().endswith("rlhf_exp: error: every PPO prompt is longer than phase.max_length=13 - "
+                                        "phase.max_new_tokens=8 tokens: raise phase.max_length")
+
+
 def test_ppo_with_a_huge_fixed_kl_coef_stays_at_the_reference(sft_run, rm_run, tmp_path):
     proc = run_cli(["phase=ppo", f"phase.sft_run={sft_run}", f"phase.reward_run={rm_run}", "phase.kl_ctrl=fixed",
                     "phase.kl_coef=50", "phase.max_steps=20", f"output_root={tmp_path}"])

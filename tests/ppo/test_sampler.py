@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_exp.ppo.core import top_p_filter
 from rlhf_exp.ppo.trainer import SeededSampler
 
 
@@ -14,28 +13,18 @@ def sample(sampler: SeededSampler, logits: torch.Tensor) -> torch.Tensor:
 
 def test_frequencies_follow_softmax_with_temperature():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
-    sampler = SeededSampler(temperature=2.0, top_p=1.0, seed=0, rows=slice(0, 1), total_rows=1, device="cpu")
+    sampler = SeededSampler(temperature=2.0, seed=0, rows=slice(0, 1), total_rows=1, device="cpu")
     counts = torch.bincount(torch.cat([sample(sampler, logits) for _ in range(20000)]), minlength=4).float()
     expected = torch.softmax(logits[0] / 2.0, -1)
     assert torch.allclose(counts / counts.sum(), expected, atol=0.015), (counts / counts.sum(), expected)
 
 
-def test_top_p_keeps_the_smallest_set_reaching_p():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    kept = torch.isfinite(top_p_filter(logits, 0.8))
-    assert kept.tolist() == [[True, True, False, False]]  # 0.5 + 0.3 reaches 0.8
-    assert torch.isfinite(top_p_filter(logits, 0.81)).tolist() == [[True, True, True, False]]
-    sampler = SeededSampler(temperature=1.0, top_p=0.8, seed=1, rows=slice(0, 1), total_rows=1, device="cpu")
-    picks = torch.cat([sample(sampler, logits) for _ in range(2000)])
-    assert set(picks.tolist()) == {0, 1}
-
-
 def test_a_rows_samples_do_not_depend_on_the_split():
     """Process 0 of 2 holds rows 0-1, process 1 rows 2-3: each gets what one process gets for them."""
     logits = torch.randn(4, 11, generator=torch.Generator().manual_seed(0))
-    whole = SeededSampler(1.0, 0.9, seed=7, rows=slice(0, 4), total_rows=4, device="cpu")
-    halves = [SeededSampler(1.0, 0.9, seed=7, rows=slice(0, 2), total_rows=4, device="cpu"),
-              SeededSampler(1.0, 0.9, seed=7, rows=slice(2, 4), total_rows=4, device="cpu")]
+    whole = SeededSampler(1.0, seed=7, rows=slice(0, 4), total_rows=4, device="cpu")
+    halves = [SeededSampler(1.0, seed=7, rows=slice(0, 2), total_rows=4, device="cpu"),
+              SeededSampler(1.0, seed=7, rows=slice(2, 4), total_rows=4, device="cpu")]
     for _ in range(20):  # 20 decoding steps
         together = sample(whole, logits)
         apart = torch.cat([sample(halves[0], logits[:2]), sample(halves[1], logits[2:])])
