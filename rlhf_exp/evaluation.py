@@ -28,7 +28,8 @@ def own_generation_config(model, tokenizer, **settings):
 
     config = GenerationConfig(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                               bos_token_id=tokenizer.bos_token_id, **settings)
-    saved = [(m, m.generation_config) for m in model.modules() if getattr(m, "generation_config", None) is not None]
+    # the modules that own one (a peft wrapper only reaches through to its base model's)
+    saved = [(m, m.generation_config) for m in model.modules() if vars(m).get("generation_config") is not None]
     for module, _ in saved:
         module.generation_config = config
     try:

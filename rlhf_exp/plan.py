@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from omegaconf import DictConfig
 
 
@@ -15,7 +17,8 @@ def print_plan(cfg: DictConfig) -> None:
     lr_note = " from phase.lora_learning_rate: hardware.lora=true" if lr != cfg.phase.learning_rate else ""
     print(f"phase     : {cfg.phase.name} (lr={lr}{lr_note}, epochs={cfg.phase.num_epochs}, "
           f"batch={cfg.phase.per_device_train_batch_size}x{cfg.phase.gradient_accumulation_steps})")
-    print(f"model     : {cfg.model.name} ({cfg.model.source}{': ' + cfg.model.path if cfg.model.path else ''})")
+    source = "folder" if cfg.model.path and Path(str(cfg.model.path)).expanduser().is_dir() else cfg.model.source
+    print(f"model     : {cfg.model.name} ({source}{': ' + cfg.model.path if cfg.model.path else ''})")
     print(f"data      : {cfg.data.name} ({cfg.data.source}{': ' + cfg.data.path if cfg.data.path else ''})")
     print(f"hardware  : {hw.name} ({hw.num_nodes} node(s) x {hw.num_processes} process(es), "
           f"{hw.precision}, distributed={hw.distributed}, "

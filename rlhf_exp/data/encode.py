@@ -14,6 +14,12 @@ for each preset's chat template:
 * a scored answer, conversational: ``apply_chat_template(prompt + [assistant message])``: the whole
   turn with the template's tail (Qwen's ``<|im_end|>\\n``), as RewardTrainer tokenizes chosen/rejected.
 * a scored answer, plain: ``tokenizer(prompt + answer + eos)``.
+
+PPO scores its own samples: a chat answer as its text re-rendered through the template (what
+RewardTrainer saw; the template's tail included), a plain answer as the prompt's ids followed by the
+sampled ids (equal to ``tokenizer(prompt + answer + eos)`` when the tokenizer splits the two at their
+boundary, as the embedded one does; a BPE tokenizer may merge across it). An answer cut off by
+``max_new_tokens`` gets no end of turn in either case.
 """
 
 from __future__ import annotations
@@ -37,13 +43,16 @@ def answer_messages(answer: str | list[dict]) -> list[dict]:
     return answer if isinstance(answer, list) else [{"role": "assistant", "content": answer}]
 
 
-def scored_ids(tokenizer, prompt: str | list[dict], answer: str | list[dict]) -> list[int]:
-    """Ids a reward model scores for (prompt, answer), as RewardTrainer tokenizes a chosen/rejected answer."""
+def scored_ids(tokenizer, prompt: str | list[dict], answer: str | list[dict], finished: bool = True) -> list[int]:
+    """Ids a reward model scores for (prompt, answer), as RewardTrainer tokenizes a chosen/rejected answer.
+    ``finished=False`` (an answer cut off by max_new_tokens): no end of turn is added, for chat prompts
+    (the template's ``continue_final_message``) as for plain ones (no EOS), so a cut-off answer is never
+    scored as if it had ended."""
     if is_chat(prompt):
-        return list(tokenizer.apply_chat_template(prompt + answer_messages(answer), tokenize=True,
-                                                  return_dict=True)["input_ids"])
+        return list(tokenizer.apply_chat_template(prompt + answer_messages(answer), tokenize=True, return_dict=True,
+                                                  continue_final_message=not finished)["input_ids"])
     text = prompt + answer
-    if not text.endswith(tokenizer.eos_token):
+    if finished and not text.endswith(tokenizer.eos_token):
         text += tokenizer.eos_token
     return list(tokenizer(text=text)["input_ids"])
 

@@ -3,9 +3,10 @@
 Counted from the datasets TRL prepared (``trainer.train_dataset`` / ``eval_dataset``), so the numbers
 are what training used, by each trainer's own rule (TRL 1.16):
 
-* SFT keeps the first ``max_length`` tokens of a record (``truncation_mode=keep_start``) and drops a
-  record left with no answer token. Cut records are counted as those that reach ``max_length`` (a
-  record exactly that long counts too: the prepared data no longer tells them apart).
+* SFT keeps the first ``max_length`` tokens of a record (``truncation_mode=keep_start``) and, with the
+  loss on answers only, drops a record left with no answer token. Cut records are counted as those that
+  reach ``max_length`` (a record exactly that long counts too: the prepared data no longer tells them
+  apart). Packed (``phase.packing``): the records' lengths inside the bins (``seq_lengths``).
 * RM drops a pair whose chosen or rejected sequence is longer than ``max_length``.
 * DPO drops a pair whose prompt alone fills ``max_length``, and its collator cuts prompt + answer to
   ``max_length`` (counted exactly: the prepared data still hold the whole sequences).
@@ -26,7 +27,10 @@ def length_counts(phase: str, raw_count: int, prepared, max_length: int) -> dict
     """{"of", "dropped", "truncated"} of one split, from the raw record count and TRL's prepared set."""
     kept = len(prepared)
     counts = {"of": raw_count, "dropped": raw_count - kept, "truncated": 0}
-    if phase == "sft":
+    if phase == "sft" and "seq_lengths" in prepared.column_names:  # packed: rows are bins of whole records
+        lengths = [n for row in prepared["seq_lengths"] for n in row]
+        counts.update(dropped=raw_count - len(lengths), truncated=sum(1 for n in lengths if n >= max_length))
+    elif phase == "sft":
         counts["truncated"] = sum(1 for ids in prepared["input_ids"] if len(ids) >= max_length)
     elif phase == "dpo":
         prompts, chosen, rejected = prepared["prompt_ids"], prepared["chosen_ids"], prepared["rejected_ids"]
@@ -35,7 +39,7 @@ def length_counts(phase: str, raw_count: int, prepared, max_length: int) -> dict
 
 
 RULES = {
-    "sft": "SFT keeps the first phase.max_length={n} tokens; records with no answer token left are dropped",
+    "sft": "SFT keeps the first phase.max_length={n} tokens of a record (and drops one with no answer token left)",
     "rm": "RM drops pairs longer than phase.max_length={n} tokens",
     "dpo": "DPO drops pairs whose prompt fills phase.max_length={n} and cuts the rest to it",
 }

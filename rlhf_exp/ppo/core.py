@@ -27,15 +27,14 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
     return out if shift_mean else out + mean
 
 
-def response_mask(tokens: torch.Tensor, eos_id: int, pad_id: int | None = None) -> torch.Tensor:
-    """1 up to and including the first EOS of each row, 0 after it (and on padding)."""
+def response_mask(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """1 up to and including the first EOS of each row, 0 after it. A padding token sampled inside an
+    answer stays in: generate() attended to it, so the log-probabilities must too (padding only ever
+    follows an EOS: generate pads finished rows, and processes pad only outputs whose rows all ended)."""
     is_eos = tokens == eos_id
     # count of EOS strictly before each position: a token is kept while none came before it
     before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
-    mask = (before == 0).float()
-    if pad_id is not None and pad_id != eos_id:
-        mask = mask * (tokens != pad_id).float()
-    return mask
+    return (before == 0).float()
 
 
 def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:

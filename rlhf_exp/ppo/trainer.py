@@ -156,13 +156,13 @@ class PPOTrainer:
             longest = int(acc.gather(torch.tensor([out.shape[1]], device=self.device)).max())
             out = torch.nn.functional.pad(out, (0, longest - out.shape[1]), value=tok.pad_token_id)
         response = out[:, prompt_len:]
-        mask = core.response_mask(response, tok.eos_token_id, tok.pad_token_id)
+        mask = core.response_mask(response, tok.eos_token_id)
         attn = torch.cat([attn, mask.long()], dim=1)
         logprobs, entropy = token_logprobs(self.policy, out, attn, prompt_len, phase.temperature)
         ref_logprobs = self._reference_logprobs(out, attn, prompt_len)
         values = token_values(self.critic, out, attn, prompt_len)
         texts = tok.batch_decode(response * mask.long() + tok.pad_token_id * (1 - mask.long()), skip_special_tokens=True)
-        scores = self._scores(prompts[rows], [self.prompt_ids[i] for i in pick[rows]], response, mask, texts)
+        scores = self._scores(prompts[rows], [self.prompt_ids[i] for i in pick[rows]], response, mask)
         tensors = [out, attn, mask, logprobs, ref_logprobs, values, scores, entropy]
         if self.world > 1:
             from accelerate.utils import gather_object
@@ -173,17 +173,22 @@ class PPOTrainer:
         rollout = Rollout(out, attn, prompt_len, mask, logprobs, ref_logprobs, values, scores, prompts, texts)
         return rollout, core.masked_mean(entropy, mask)
 
-    def _scores(self, prompts: list, prompt_ids: list[list[int]], response, mask, texts: list[str]) -> torch.Tensor:
+    def _scores(self, prompts: list, prompt_ids: list[list[int]], response, mask) -> torch.Tensor:
         """Reward-model scores on the ids RewardTrainer trained on (``rlhf_exp.data.encode``). Chat prompts:
         the conversation with the answer's text as the assistant turn, through the chat template, so the
-        template's tail (Qwen's "<|im_end|>\\n") is there and the score is read where training read it.
-        Plain prompts: the prompt's ids, then the answer's up to its EOS (tokens after it are dropped)."""
-        if is_chat(prompts[0]):
-            rows = [scored_ids(self.tokenizer, p, t) for p, t in zip(prompts, texts)]
-        else:
-            lengths = mask.sum(1).long().tolist()
-            rows = [p + response[i, :n].tolist() for i, (p, n) in enumerate(zip(prompt_ids, lengths))]
-        return score_ids(self.reward_model, rows, self.tokenizer.pad_token_id, self.device).to(self.device)
+        template's tail (Qwen's "<|im_end|>\\n") is there and the score is read where training read it;
+        special tokens the policy wrote inside the answer stay in its text. Plain prompts: the prompt's ids,
+        then the answer's up to its EOS. An answer cut off by max_new_tokens gets no end of turn."""
+        tok, rows = self.tokenizer, []
+        for i, prompt in enumerate(prompts):
+            answer = response[i][mask[i].bool()].tolist()  # up to and including the first EOS
+            finished = bool(answer) and answer[-1] == tok.eos_token_id
+            if is_chat(prompt):
+                text = tok.decode(answer[:-1] if finished else answer, skip_special_tokens=False)
+                rows.append(scored_ids(tok, prompt, text, finished=finished))
+            else:
+                rows.append(prompt_ids[i] + answer)
+        return score_ids(self.reward_model, rows, tok.pad_token_id, self.device).to(self.device)
 
     def shaped_scores(self, r: Rollout) -> torch.Tensor:
         """RM score, normalised and clipped, minus the length and missing-EOS penalties."""

@@ -68,3 +68,19 @@ def test_plain_strings_keep_the_tokenizers_special_tokens():
     assert prompt_ids(tok, "3 1 4 1 5 =") == tok("3 1 4 1 5 =")["input_ids"]
     scored = scored_ids(tok, "3 1 4 1 5 =", " 1 1 3 4 5")
     assert scored[0] == tok.bos_token_id and scored[-1] == tok.eos_token_id and scored.count(tok.bos_token_id) == 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_cut_off_answer_is_scored_without_an_end_of_turn(scaled_model, family):
+    """An answer that ran into max_new_tokens: the conversation up to its last token, no EOS or template
+    tail, the same ids as the finished answer's up to that point."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(scaled_model(family))
+    prompt = chat_prompt("3 1 4 1 5 =")
+    finished, cut = scored_ids(tok, prompt, "1 1 3"), scored_ids(tok, prompt, "1 1 3", finished=False)
+    assert finished[:len(cut)] == cut and len(finished) > len(cut)
+    assert tok.eos_token_id not in cut[len(prompt_ids(tok, prompt)):]
+    assert tok.decode(cut).endswith("1 1 3")
+    plain = scored_ids(tok, "Sort 3 1:", " 1 3", finished=False)
+    assert plain[-1] != tok.eos_token_id and scored_ids(tok, "Sort 3 1:", " 1 3")[-1] == tok.eos_token_id

@@ -44,3 +44,9 @@ def test_preview_decodes_every_ids_column_with_special_tokens():
     rows = preview(datasets.Dataset.from_list([{"chosen_ids": ids, "rejected_ids": ids[:3], "margin": 1.0}]), tok)
     assert rows == [{"record": 0, "chosen_ids": {"text": "<bos> 3 1 = 1 3 <eos>", "tokens": 7},
                      "rejected_ids": {"text": "<bos> 3 1", "tokens": 3}}]
+
+
+def test_packed_sft_counts_the_records_inside_the_bins():
+    packed = datasets.Dataset.from_list([{"input_ids": [1] * 8, "seq_lengths": [3, 5]},
+                                         {"input_ids": [1] * 8, "seq_lengths": [8]}])
+    assert length_counts("sft", 3, packed, max_length=8) == {"of": 3, "dropped": 0, "truncated": 1}

@@ -99,10 +99,12 @@ def test_adaptive_kl_controller_update():
     assert restored.value == 0.3
 
 
-def test_response_mask_stops_after_first_eos_and_on_padding():
-    eos, pad = 2, 0
-    tokens = T([[5, 2, 7, 0], [5, 6, 7, 8], [2, 5, 2, 0], [5, 6, 0, 0]])
-    assert response_mask(tokens, eos, pad).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0]]
+def test_response_mask_stops_after_the_first_eos_only():
+    """Padding after EOS is masked; a pad token sampled inside an answer is part of it (generate attended
+    to it), so the mask has no holes."""
+    eos = 2
+    tokens = T([[5, 2, 7, 0], [5, 6, 7, 8], [2, 5, 2, 0], [5, 0, 6, 2]])
+    assert response_mask(tokens, eos).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 1]]
 
 
 def test_shaped_rewards_put_the_score_on_the_last_real_token():
