@@ -8,11 +8,10 @@ from omegaconf import DictConfig
 
 
 def print_plan(cfg: DictConfig) -> None:
+    from rlhf_exp.config.schema import learning_rate
     from rlhf_exp.tracking.lineage import describe_parents
 
     hw = cfg.hardware
-    from rlhf_exp.config.schema import learning_rate
-
     lr = learning_rate(cfg.phase, hw)
     lr_note = " from phase.lora_learning_rate: hardware.lora=true" if lr != cfg.phase.learning_rate else ""
     print(f"phase     : {cfg.phase.name} (lr={lr}{lr_note}, epochs={cfg.phase.num_epochs}, "
@@ -53,7 +52,7 @@ def print_data(cfg: DictConfig) -> None:
 
     from omegaconf import OmegaConf
 
-    from rlhf_exp.data.loading import preference_data, sft_data, synthetic_splits
+    from rlhf_exp.data.loading import generated_counts, pair_rows, preference_data, sft_data, synthetic_splits
 
     data_cfg = OmegaConf.to_object(cfg.data)
     if data_cfg.source == "hub":
@@ -62,16 +61,13 @@ def print_data(cfg: DictConfig) -> None:
         if local_path(data_cfg.path) is None:
             print(f"records   : not read in a dry run ({data_cfg.path} comes from the hub when the run starts)")
             return
-    sft = cfg.phase.name == "sft"
+    sft, counts = cfg.phase.name == "sft", {}
     if data_cfg.source == "synthetic":  # generated in pure Python: no need to import datasets
-        from dataclasses import asdict
-
         splits = synthetic_splits(data_cfg)
         train, eval_ = (splits["sft_train"], splits["sft_eval"]) if sft else (splits["pref_train"], splits["pref_eval"])
-        counts = {"train": {"loaded": len(train), "kept": len(train)}, "eval": {"loaded": len(eval_), "kept": len(eval_)}}
-        record = train[0] if sft else {k: v for k, v in asdict(train[0]).items() if not k.startswith("gold")}
+        generated_counts(counts, len(train), len(eval_))
+        record = train[0] if sft else pair_rows(train[:1])[0]
     else:
-        counts = {}
         record = (sft_data(data_cfg, counts) if sft else preference_data(data_cfg, counts)).train[0]
     counts = {split: c for split, c in counts.items() if c}
     first = json.dumps(record, ensure_ascii=False)

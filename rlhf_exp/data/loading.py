@@ -37,8 +37,14 @@ def synthetic_splits(data: DataConfig) -> dict:
     return chat_form(splits) if str(data.synthetic.form) == "chat" else splits
 
 
-def _synthetic_counts(counts: dict | None, train: int, eval_: int) -> None:
-    if counts is not None:  # generated, nothing dropped
+def pair_rows(pairs) -> list[dict]:
+    """The embedded task's preference pairs as the records trainers read (gold kept aside)."""
+    return [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs]
+
+
+def generated_counts(counts: dict | None, train: int, eval_: int) -> None:
+    """Counts of the embedded task's splits: generated, so nothing is dropped."""
+    if counts is not None:
         counts.update(train={"loaded": train, "kept": train}, eval={"loaded": eval_, "kept": eval_})
 
 
@@ -48,7 +54,7 @@ def sft_data(data: DataConfig, counts: dict | None = None) -> PhaseData:
 
     if data.source == "synthetic":
         splits = synthetic_splits(data)
-        _synthetic_counts(counts, len(splits["sft_train"]), len(splits["sft_eval"]))
+        generated_counts(counts, len(splits["sft_train"]), len(splits["sft_eval"]))
         return PhaseData(Dataset.from_list(splits["sft_train"]), Dataset.from_list(splits["sft_eval"]),
                          splits["eval_prompts"])
     from rlhf_exp.data.sources import load_sft
@@ -64,11 +70,8 @@ def preference_data(data: DataConfig, counts: dict | None = None) -> PhaseData:
     if data.source == "synthetic":
         splits = synthetic_splits(data)
 
-        def rows(pairs):
-            return [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs]
-
-        _synthetic_counts(counts, len(splits["pref_train"]), len(splits["pref_eval"]))
-        return PhaseData(Dataset.from_list(rows(splits["pref_train"])), Dataset.from_list(rows(splits["pref_eval"])),
+        generated_counts(counts, len(splits["pref_train"]), len(splits["pref_eval"]))
+        return PhaseData(Dataset.from_list(pair_rows(splits["pref_train"])), Dataset.from_list(pair_rows(splits["pref_eval"])),
                          splits["eval_prompts"], [(p.gold_chosen, p.gold_rejected) for p in splits["pref_eval"]])
     from rlhf_exp.data.sources import load_preferences
 
