@@ -121,6 +121,20 @@ class DPOLoss(StrEnum):
     sigmoid_norm = "sigmoid_norm"
 
 
+class Optimizer(StrEnum):
+    # torch.optim.AdamW (fp32 states: 8 bytes per trained parameter)
+    adamw_torch = "adamw_torch"
+    # bitsandbytes AdamW8bit (2 bytes per trained parameter; pip install -e '.[quant]')
+    adamw_8bit = "adamw_8bit"
+    # bitsandbytes PagedAdamW8bit: states page out to CPU RAM under GPU memory pressure
+    paged_adamw_8bit = "paged_adamw_8bit"
+
+
+class QuantType(StrEnum):
+    nf4 = "nf4"
+    fp4 = "fp4"
+
+
 class LoggerName(StrEnum):
     local = "local"
     wandb = "wandb"
@@ -158,6 +172,23 @@ class EmbeddedArch:
 
 
 @dataclass
+class ModelShape:
+    """What the planner (``dry_run=true``) needs to size a model without downloading it: presets fill these
+    from the model's config.json; null fields are read from model.path's config.json when it is a local
+    folder, or derived from model.embedded for the embedded model."""
+
+    # total parameters of the causal LM (embeddings and LM head included)
+    num_params: Optional[int] = None
+    hidden_size: Optional[int] = None
+    num_layers: Optional[int] = None
+    num_heads: Optional[int] = None
+    num_kv_heads: Optional[int] = None
+    intermediate_size: Optional[int] = None
+    vocab_size: Optional[int] = None
+    tie_word_embeddings: Optional[bool] = None
+
+
+@dataclass
 class ModelConfig:
     # preset name; recorded in manifests and used to match parent runs
     name: str = MISSING
@@ -181,6 +212,8 @@ class ModelConfig:
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     # architecture of the embedded model (source=embedded only)
     embedded: EmbeddedArch = field(default_factory=lambda: EmbeddedArch())
+    # sizes for the planner (dry_run=true); nothing is downloaded to plan
+    shape: ModelShape = field(default_factory=ModelShape)
 
 
 # ---------------------------------------------------------------------------- data
@@ -348,8 +381,21 @@ class PPOPhaseConfig(PhaseConfig):
     # stop a step's PPO epochs when the update's approximate KL exceeds 1.5 * target_kl; null = never
     target_kl: Optional[float] = None
     ppo_epochs: int = 4
-    num_mini_batches: int = 1
+    # prompts sampled per PPO step, over all processes (each generates rollout_batch_size / processes)
     rollout_batch_size: int = 64
+    # each PPO epoch splits the rollout batch into this many mini-batches, one optimizer step each (every
+    # process takes rollout_batch_size / num_mini_batches / processes sequences of each)
+    num_mini_batches: int = 1
+    # sequences per forward/backward pass on one process; a process's share of a mini-batch is run in
+    # micro-batches of this size with gradients accumulated (one optimizer step per mini-batch, the same
+    # update as one pass), and rollout scoring (log-probs, values, rewards) runs in chunks of it too.
+    # null: the whole share in one pass
+    micro_batch_size: Optional[int] = None
+    # the critic's learning rate (OpenRLHF's defaults: actor 1e-6 (5e-7 in its 7B recipes), critic 9e-6:
+    # ~10x the policy's); with phase.critic_lora, the adapters' rate is this times 10
+    critic_learning_rate: float = 9e-6
+    # train LoRA adapters (hardware.lora_r/alpha) on the critic's body, plus its value head in full
+    critic_lora: bool = False
     cliprange: float = 0.2
     cliprange_value: float = 0.2
     vf_coef: float = 0.1
@@ -387,6 +433,32 @@ class HardwareConfig:
     gradient_checkpointing: bool = False
     # dataloader worker processes
     num_workers: int = 0
+    # optimizer of whatever is trained (adamw_8bit / paged_adamw_8bit: bitsandbytes)
+    optimizer: Optimizer = Optimizer.adamw_torch
+    # quantized frozen base weights (bitsandbytes; needs hardware.lora=true: QLoRA). 4-bit: nf4 or fp4,
+    # double quantization, compute dtype = hardware.precision's; 8-bit: LLM.int8
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+    bnb_4bit_quant_type: QuantType = QuantType.nf4
+    bnb_4bit_use_double_quant: bool = True
+    # attention kernel: null picks flash_attention_2 on CUDA when flash-attn is installed (else sdpa, with
+    # one line saying so), sdpa on CPU; model.attn_implementation, when set, wins
+    attn_implementation: Optional[str] = None
+    # DeepSpeed ZeRO: optimizer states (stage 2/3) and parameters (stage 3) offloaded to CPU RAM;
+    # FSDP: offload_params moves parameters, gradients and optimizer states to CPU (CPUOffloadPolicy)
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    # PPO: the frozen reference and reward model wait in CPU RAM between uses (DDP/single process), or
+    # are sharded with their parameters offloaded (ZeRO-3 / FSDP)
+    offload_frozen: bool = False
+    # memory of one device in GB (GPU memory on CUDA presets; null on CPU: the machine's RAM), for the planner
+    device_memory_gb: Optional[float] = None
+    # price of one GPU-hour in US dollars, for the planner's cost line (A100 80GB on-demand: ~$32.8/h for 8)
+    gpu_hour_usd: float = 4.10
+    # SLURM sizing of each task (one per process): CPUs (sbatch --cpus-per-task) and host memory per node
+    # in GB (sbatch --mem); null: launcher.cpus_per_task / launcher.mem_gb, else the cluster's default
+    cpus_per_task: Optional[int] = None
+    mem_gb: Optional[int] = None
 
 
 # -------------------------------------------------------------------------- logger

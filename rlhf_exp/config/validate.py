@@ -118,9 +118,15 @@ def validate(cfg: DictConfig) -> None:
               f"{phase.rollout_batch_size}]")
         check(phase.target_kl is None or phase.target_kl > 0, "phase.target_kl must be > 0, or null (never stop early)")
         world = cfg.hardware.num_processes * cfg.hardware.num_nodes
-        check(world == 1 or phase.rollout_batch_size % (phase.num_mini_batches * world) == 0,
+        check(phase.rollout_batch_size % (phase.num_mini_batches * world) == 0,
               f"phase.rollout_batch_size={phase.rollout_batch_size} must split evenly into phase.num_mini_batches="
               f"{phase.num_mini_batches} mini-batches x {world} processes (hardware={cfg.hardware.name})")
+        share = phase.rollout_batch_size // (phase.num_mini_batches * world)
+        check(phase.micro_batch_size is None or (phase.micro_batch_size >= 1 and share % phase.micro_batch_size == 0),
+              f"phase.micro_batch_size={phase.micro_batch_size} must divide each process's share of a mini-batch: "
+              f"rollout_batch_size {phase.rollout_batch_size} / num_mini_batches {phase.num_mini_batches} / {world} "
+              f"process(es) = {share} sequences; use a divisor of {share}, or null")
+        check(phase.critic_learning_rate > 0, f"phase.critic_learning_rate={phase.critic_learning_rate}: must be > 0")
 
     # model
     if model.source == "hub":
@@ -160,8 +166,6 @@ def validate(cfg: DictConfig) -> None:
     check(hw.num_processes >= 1 and hw.num_nodes >= 1, "hardware.num_processes and hardware.num_nodes must be >= 1")
     if hw.accelerator == "cpu":
         check(hw.precision != "fp16", "hardware.precision=fp16 needs a GPU: use precision=fp32 (or bf16) with accelerator=cpu")
-        check(hw.distributed not in ("fsdp", "deepspeed_zero2", "deepspeed_zero3"),
-              f"hardware.distributed={hw.distributed} needs GPUs: use distributed=ddp (gloo) or none with accelerator=cpu")
     else:
         check(hw.gpus_per_node >= 1, "hardware.accelerator=cuda needs hardware.gpus_per_node >= 1")
         check(hw.num_processes <= hw.gpus_per_node,

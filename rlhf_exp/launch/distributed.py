@@ -61,18 +61,14 @@ def check_accelerator(cfg: DictConfig) -> None:
                           f"and this machine has {torch.cuda.device_count()} GPUs")
 
 
-SHARDED = ("fsdp", "deepspeed_zero2", "deepspeed_zero3")
+from rlhf_exp.launch.sharding import SHARDED  # noqa: E402  (re-exported: the checks below use it)
 
 
 def check_sharding(cfg: DictConfig) -> None:
-    """ZeRO needs DeepSpeed installed; PPO's own loop runs on DDP only (its four models under ZeRO/FSDP
-    need one engine each, not written yet)."""
+    """ZeRO needs DeepSpeed installed (looked up, not imported)."""
     kind = str(cfg.hardware.distributed)
     if kind not in SHARDED:
         return
-    if cfg.phase.name == "ppo":
-        raise ConfigError(f"phase=ppo runs on DDP; hardware.distributed={kind} (hardware={cfg.hardware.name}) is not "
-                          "supported for PPO yet: add hardware.distributed=ddp hardware.lora=true")
     if kind.startswith("deepspeed"):
         import importlib.util
 
@@ -206,6 +202,8 @@ def spawn_workers(cfg: DictConfig, run_dir: Path, resume: bool = False) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
            "--max-restarts=0", "-m", "rlhf_exp.launch.worker", str(run_dir)]
     env = {**os.environ, "RLHF_EXP_COMMAND": command_line(),
+           # DeepSpeed on CPU processes (tests, laptops): its CPU accelerator, over gloo
+           **({"DS_ACCELERATOR": "cpu"} if cfg.hardware.accelerator == "cpu" else {}),
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS",
                                              str(max(1, (slurm_task_cpus() or os.cpu_count() or 1) // n)))}
     print(f"rlhf_exp: starting {n} worker processes (torchrun, {cfg.hardware.accelerator}"
