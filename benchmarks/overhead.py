@@ -11,7 +11,8 @@ Python process so import costs count:
   rlhf_exp  `python -m rlhf_exp`: adds per-epoch evaluation, best-checkpoint restore, initial and final
             gold evaluation, metrics.jsonl/summary.json/manifest.json
 
-plus the latency of the CLI's light paths (--help, --cfg job), which must not import ML libraries.
+plus the latency of the CLI's light paths (--help, --cfg job, and a PPO dry run with its memory plan), which must
+not import ML libraries.
 It prints wall times, gold scores and the ratios; nothing is asserted.
 """
 
@@ -112,10 +113,14 @@ def _run_variant(name: str) -> dict:
 
 
 def main() -> None:
-    light = {}
-    for args in (["--help"], ["--cfg", "job"]):
-        times = [_timed([sys.executable, "-m", "rlhf_exp", *args])[0] for _ in range(3)]
-        light[" ".join(args)] = statistics.median(times)
+    # the light paths, interleaved (A B C A B C ...): the dry run adds the config checks and the planner to --cfg
+    # (on a machine without GPUs the a100x8 dry run ends refused after printing its plan: the time is the same)
+    paths = (["--help"], ["--cfg", "job"], ["phase=ppo", "hardware=a100x8", "model=llama3_8b", "dry_run=true"])
+    times: dict[str, list[float]] = {" ".join(args): [] for args in paths}
+    for _ in range(3):
+        for args in paths:
+            times[" ".join(args)].append(_timed([sys.executable, "-m", "rlhf_exp", *args])[0])
+    light = {args: statistics.median(t) for args, t in times.items()}
 
     results = {"torch": _run_variant("torch"), "trl": _run_variant("trl")}
     with tempfile.TemporaryDirectory() as tmp:
@@ -127,7 +132,7 @@ def main() -> None:
 
     print(f"machine: {platform.machine()}, {__import__('os').cpu_count()} cores, Python {platform.python_version()}")
     for args, seconds in light.items():
-        print(f"python -m rlhf_exp {args:<10} {seconds:6.2f} s (median of 3)")
+        print(f"python -m rlhf_exp {args:<58} {seconds:6.2f} s (median of 3)")
     print(f"\n{'variant':<10} {'wall s':>8} {'train s':>8} {'gold':>6}")
     for name, r in results.items():
         print(f"{name:<10} {r['wall_s']:8.1f} {r['train_s']:8.1f} {r['gold_score']:6.3f}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import itertools
 import json
+import os
 import re
 import shutil
 import sys
@@ -117,33 +118,147 @@ def preflight(overrides: list[str], multirun: bool, check_rules: bool) -> list[D
     return cfgs
 
 
-def plan(cfgs: list[DictConfig]) -> list[str]:
-    """Light checks a run needs before Hydra makes its folder: the phase has a runner, something can
-    start the processes the hardware asks for, the parent runs exist. A parent taken by default is resolved here, once, and
-    pinned into the command (so jobs of one sweep share it); returns those pinning overrides."""
+def plan(cfgs: list[DictConfig], dry_run: bool = False, parents: bool = True, sweep: list[str] | None = None) -> list[str]:
+    """Every check a launch makes before Hydra makes a folder, the same for ``dry_run=true`` (a dry run
+    refuses what the real command refuses, with the same message and status): the phase has a runner,
+    something can start the processes the hardware asks for (nodes, GPUs, DeepSpeed, SLURM), a ``sweep``
+    (the -m command line) gives every job the launcher and resources it asks for, the parent runs exist.
+    Every problem is reported together. ``dry_run`` imports no torch (the runner is looked up, not
+    imported; GPUs are counted from the driver, see check_accelerator).
+
+    A parent taken by default is resolved here, once, and pinned into the command (so jobs of one sweep
+    share it); returns those pinning overrides."""
     from rlhf_exp.launch.distributed import (
         check_accelerator,
         check_multiprocess_launch,
         check_sharding,
         check_slurm_available,
     )
-    from rlhf_exp.runners import get_runner
     from rlhf_exp.tracking.lineage import PARENTS, resolve_parents
 
+    problems: list[str] = []
+
+    def check(fn, *args):
+        try:
+            return fn(*args)
+        except ConfigError as exc:
+            if str(exc) not in problems:
+                problems.append(str(exc))
+            return None
+
+    if sweep is not None:
+        check(_check_sweep, sweep, cfgs[0])
     pinned: dict[str, set[str]] = {}
+    checked: set[str] = set()
     for i, cfg in enumerate(cfgs):
-        get_runner(cfg.phase.name)
-        check_multiprocess_launch(cfg)
-        check_accelerator(cfg)
-        check_sharding(cfg)
-        check_slurm_available(cfg)
+        # the same hardware, launcher and phase give the same answer: asked once (nvidia-smi, sinfo)
+        key = OmegaConf.to_yaml({"h": cfg.hardware, "l": cfg.launcher.name, "p": cfg.phase.name})
+        if key not in checked:
+            checked.add(key)
+            check(_check_runner, str(cfg.phase.name), not dry_run)
+            check(check_multiprocess_launch, cfg)
+            check(check_accelerator, cfg, not dry_run)
+            check(check_sharding, cfg)
+            if cfg.launcher.name == "slurm" and "slurm" not in checked:
+                checked.add("slurm")
+                check(check_slurm_available, cfg)
+        if not parents:
+            continue
         defaults = [key for _, key in PARENTS[cfg.phase.name] if not cfg.phase.get(key)]
-        for parent, (_, key) in zip(resolve_parents(cfg, announce=i == 0), PARENTS[cfg.phase.name]):
+        for parent, (_, key) in zip(check(resolve_parents, cfg, i == 0) or [], PARENTS[cfg.phase.name]):
             if key in defaults:
                 pinned.setdefault(key, set()).add(parent["path"])
+    if problems:
+        raise ConfigError("\n".join(problems))
     same_phase = len({cfg.phase.name for cfg in cfgs}) == 1
     return [f"phase.{key}='{next(iter(paths))}'" for key, paths in pinned.items()
             if same_phase and len(paths) == 1 and "'" not in next(iter(paths))]
+
+
+# swept keys that can change a job's launcher parameters: any hardware.* and launcher.* value (what
+# conf/launcher/*.yaml read), and the choices of configs that may set those (phase and model pick the recipe)
+SIZING_GROUPS = ("hardware", "launcher")
+SIZING_CHOICES = ("hardware", "launcher", "phase", "model", "recipe", "site")
+
+
+def _check_sweep(overrides: list[str], cfg: DictConfig) -> None:
+    """What Hydra's launchers cannot give each job of a sweep on its own: the launcher itself (Hydra picks
+    it once, from the command without its swept values) and, through hydra-submitit-launcher, resources
+    (one job array, sized once: rlhf_exp.launch.slurm.check_sweep_resources)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    swept = [o for o in parsed if o.is_sweep_override()]
+    for o in swept:
+        if o.key_or_group == "launcher":
+            raise ConfigError(f"{o.input_line}: a sweep runs through one launcher, which Hydra picks from the command "
+                              "without its swept values (so launcher=local here): give one launcher=..., and run one "
+                              "sweep per launcher")
+    if cfg.launcher.name not in ("slurm", "submitit_local"):
+        return
+    choices = []
+    for o in swept:
+        if o.key_or_group.split(".")[0] not in SIZING_GROUPS and o.key_or_group not in SIZING_CHOICES:
+            continue
+        if o.value_type.name == "GLOB_CHOICE_SWEEP":
+            values = o.value().filter(group_options(o.key_or_group))
+        elif o.value_type.name == "INTERVAL_SWEEP":  # Optuna's interval(a, b): both ends
+            values = [int(x) if x == int(x) else x for x in (o.value().start, o.value().end)]
+        else:
+            values = list(o.sweep_string_iterator())
+        choices.append([f"{o.get_key_element()}={v}" for v in values])
+    if not choices:
+        return
+    from rlhf_exp.launch.slurm import check_sweep_resources
+
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    jobs = [list(job) for job in itertools.islice(itertools.product(*choices), 64)]
+    check_sweep_resources(str(cfg.launcher.name), fixed, [(" ".join(job), job) for job in jobs])
+
+
+def _check_runner(phase: str, load: bool) -> None:
+    """The phase has a runner; ``load`` imports it (a dry run only looks it up: no torch)."""
+    from rlhf_exp import runners
+
+    if load or phase in runners.PLANNED or phase not in runners.RUNNERS:
+        runners.get_runner(phase)  # raises before importing anything when there is no runner
+
+
+def _dry_run(cfgs: list[DictConfig], overrides: list[str]) -> None:
+    """A single ``dry_run=true``: the checks of the real command, then the plan (and the sbatch script).
+    A refused dry run prints its plan as far as it gets, then the real command's refusal (status 2)."""
+    from rlhf_exp.plan import print_plan
+
+    try:
+        plan(cfgs, dry_run=True)
+        refusal = None
+    except ConfigError as exc:
+        refusal = exc
+    try:
+        print_plan(cfgs[0])  # before Hydra, so a dry run leaves no run folder behind
+        if cfgs[0].launcher.name == "slurm":
+            from rlhf_exp.launch.slurm import compose_sbatch_script
+
+            print("\nsbatch script (one job; a sweep submits it as a job array):\n")
+            print(compose_sbatch_script(overrides))
+    except ConfigError:
+        if refusal is None:
+            raise  # the real command stops at its refusal first, before reading any data
+    sys.stdout.flush()
+    if refusal is not None:
+        raise refusal
+
+
+def _print_sweep_script(overrides: list[str]) -> None:
+    """A sweep's dry run with launcher=slurm: the script of its job array, which hydra-submitit-launcher
+    sizes from the command without its swept values (plan() refused a sweep whose jobs need otherwise)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from rlhf_exp.launch.slurm import compose_sbatch_script
+
+    fixed = [o.input_line for o in OverridesParser.create().parse_overrides(overrides) if not o.is_sweep_override()]
+    print("sbatch script of the sweep's job array (every job the same; one job shown):\n")
+    print(compose_sbatch_script(fixed))
 
 
 def _hydra_flags(argv: list[str]):
@@ -252,6 +367,8 @@ def execute(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
     from rlhf_exp.tracking.run import Run
 
     limit_cpu_threads()  # a SLURM task uses the CPUs it was given (spawned workers already have their share)
+    if cfg.hardware.accelerator == "cpu":  # DeepSpeed (imported by accelerate when installed) need not probe for GPUs
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     parents = resolve_parents(cfg, announce=False)
     runner = get_runner(cfg.phase.name)
     typed = OmegaConf.to_object(cfg)
@@ -272,9 +389,13 @@ def _pipeline(cfgs: list[DictConfig], flags) -> None:
         raise ConfigError(f"pipeline=... runs its phases on this machine; launcher={cfgs[0].launcher.name} is not "
                           "supported for pipelines yet: submit the phases one by one (python -m rlhf_exp phase=...)")
     cfg = cfgs[0]
+    pipeline.check(cfg, flags.overrides)
+    common = pipeline.common_overrides([o for o in flags.overrides if not o.startswith("dry_run")])
+    # each phase's launch checks, before the pipeline's folder exists (a dry run refuses alike); the
+    # parents are the pipeline's own earlier phases
+    plan([compose(pipeline.phase_args(cfg, phase, common, None)) for phase in cfg.pipeline.phases],
+         dry_run=cfg.dry_run, parents=False)
     if cfg.dry_run:
-        pipeline.check(cfg, flags.overrides)
-        common = pipeline.common_overrides([o for o in flags.overrides if not o.startswith("dry_run")])
         for phase in cfg.pipeline.phases:
             print("python -m rlhf_exp " + " ".join(pipeline.phase_args(cfg, phase, common, None)))
         print("dry run: every phase composed and checked; nothing loaded, nothing trained.")
@@ -376,28 +497,18 @@ def main(argv: list[str] | None = None) -> None:
             if flags.cfg is None and cfgs[0].pipeline is not None:
                 _pipeline(cfgs, flags)
                 return
-            if flags.cfg is None and cfgs[0].dry_run and not flags.multirun:
-                from rlhf_exp.plan import print_plan
-
-                print_plan(cfgs[0])  # before Hydra, so a dry run leaves no run folder behind
-                if cfgs[0].launcher.name == "slurm":
-                    from rlhf_exp.launch.slurm import compose_sbatch_script
-
-                    print("\nsbatch script (one job; a sweep submits it as a job array):\n")
-                    print(compose_sbatch_script(flags.overrides))
+            dry_run = any(cfg.dry_run for cfg in cfgs)
+            if flags.cfg is None and dry_run and not flags.multirun:
+                _dry_run(cfgs, flags.overrides)
                 return
-            if flags.cfg is None and not any(cfg.dry_run for cfg in cfgs):
-                argv = _add_overrides(argv, plan(cfgs))
-            if flags.multirun and any(cfg.dry_run for cfg in cfgs) and cfgs[0].launcher.name != "local":
+            if flags.cfg is None:  # the real command's checks, for a dry run too (it must refuse alike)
+                argv = _add_overrides(argv, plan(cfgs, dry_run=dry_run, sweep=flags.overrides if flags.multirun else None))
+            if flags.multirun and dry_run and cfgs[0].launcher.name != "local":
                 # a dry run prints each job's plan here and submits nothing
                 print(f"rlhf_exp: dry run: plans printed here; nothing is submitted to launcher={cfgs[0].launcher.name}",
                       file=sys.stderr)
                 if cfgs[0].launcher.name == "slurm":
-                    from rlhf_exp.launch.slurm import compose_sbatch_script
-
-                    first = _override_variants(flags.overrides, multirun=True)[0]
-                    print("sbatch script of the first job (a sweep submits them as one job array):\n")
-                    print(compose_sbatch_script(first))
+                    _print_sweep_script(flags.overrides)
                 argv = _add_overrides([a for a in argv if not a.startswith("launcher=")], ["launcher=local"])
             if flags.multirun and all(cfg.dry_run for cfg in cfgs):
                 if any(a.startswith("hydra/sweeper=optuna") for a in argv):

@@ -121,15 +121,98 @@ def check_chat_template(tokenizer, model_cfg: ModelConfig, dataset) -> None:
                           "messages.\nSet model.chat_template=chatml (or a .jinja file), or give the data as plain strings.")
 
 
-def load_kwargs(model_cfg: ModelConfig, hardware: HardwareConfig) -> dict[str, Any]:
-    """Arguments for ``from_pretrained``: the one place dtype and attention kernel are chosen."""
-    dtype = str(model_cfg.dtype)
-    if dtype == "auto":
-        # weights in the precision the run computes in: an fp32 run never trains bf16 weights
-        dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[str(hardware.precision)]
-    kwargs: dict[str, Any] = {"dtype": _DTYPES[dtype], "trust_remote_code": model_cfg.trust_remote_code}
-    if model_cfg.attn_implementation and hardware.accelerator == "cuda":
-        kwargs["attn_implementation"] = model_cfg.attn_implementation
+HALF_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def weights_dtype(model_cfg: ModelConfig, hardware: HardwareConfig, trained: bool = True) -> torch.dtype:
+    """The dtype weights are held in. The mixed-precision rule:
+
+    - Weights trained in full (``trained=True``) under ``hardware.precision=bf16/fp16`` are held in fp32: the
+      trainer autocasts each forward to the half dtype, and the optimizer updates fp32 master weights (an Adam
+      step on bf16 weights loses updates smaller than bf16's resolution, ~0.4% of a weight).
+    - Except under DeepSpeed (``hardware.distributed=deepspeed_zero*``): its bf16/fp16 optimizer keeps the fp32
+      master copy itself, so the model is loaded in the half dtype (fp32 weights would be held twice).
+    - Frozen weights (``trained=False``: PPO's reference and reward model, the base under LoRA adapters) are only
+      run forward: they load in the half dtype, half the memory.
+    - The half dtype is ``model.dtype`` when set (presets say bfloat16), else the precision's (fp32 runs: fp32).
+      ``model.dtype=float32`` always means float32.
+    """
+    precision, named = str(hardware.precision), str(model_cfg.dtype)
+    if named == "float32":
+        return torch.float32
+    half = HALF_DTYPES[precision] if named == "auto" else named
+    if trained and precision in ("bf16", "fp16") and not str(hardware.distributed).startswith("deepspeed"):
+        return torch.float32
+    return _DTYPES[half]
+
+
+_ATTENTION_NOTICE: list[str] = []  # the sdpa fallback is said once per process
+
+
+def attention(model_cfg: ModelConfig, hardware: HardwareConfig, dtype: torch.dtype | None = None) -> str:
+    """The attention kernel: ``model.attn_implementation`` when set, else ``hardware.attn_implementation``, else
+    on CUDA flash_attention_2 when flash-attn is installed (looked up, not imported) and the weights are half
+    precision (``dtype``), sdpa otherwise. Weights held in fp32 (trained in full under bf16, see
+    :func:`weights_dtype`) get sdpa: flash-attn takes fp16/bf16 only, and outside autocast (generation) their
+    projections are fp32; under autocast PyTorch's sdpa runs its own flash kernel."""
+    chosen = model_cfg.attn_implementation or hardware.attn_implementation
+    if chosen:
+        return str(chosen)
+    if hardware.accelerator != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return "sdpa"
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    if not _ATTENTION_NOTICE and is_main_process():
+        _ATTENTION_NOTICE.append("said")
+        print("rlhf_exp: flash-attn is not installed: attention runs on sdpa (pip install flash-attn for "
+              "flash_attention_2, or set hardware.attn_implementation=sdpa to silence this)", file=sys.stderr)
+    return "sdpa"
+
+
+def quantized(hardware: HardwareConfig) -> bool:
+    return bool(hardware.load_in_4bit or hardware.load_in_8bit)
+
+
+def quantization_kwargs(hardware: HardwareConfig, heads: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``quantization_config`` (bitsandbytes) and ``device_map`` for frozen weights under hardware.load_in_4bit /
+    load_in_8bit; {} otherwise. ``heads``: modules kept unquantized (a reward or value model's ``score``; a causal
+    LM's output embedding is kept by transformers itself)."""
+    if not quantized(hardware):
+        return {}
+    import os
+
+    from transformers import BitsAndBytesConfig
+
+    cpu = hardware.accelerator == "cpu"
+    # the dtype the dequantized 4-bit blocks are multiplied in: the precision's half dtype on GPUs; CPU computes fp32
+    compute = torch.float32 if cpu else _DTYPES[HALF_DTYPES[str(hardware.precision)]]
+    config = BitsAndBytesConfig(
+        load_in_4bit=hardware.load_in_4bit,
+        load_in_8bit=hardware.load_in_8bit,
+        bnb_4bit_quant_type=str(hardware.bnb_4bit_quant_type),
+        bnb_4bit_use_double_quant=hardware.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=compute,
+        # a named list replaces transformers' own (tied/output embeddings, last module): heads only when given
+        llm_int8_skip_modules=list(heads) or None,
+    )
+    # quantized weights are placed as they load: on this process's own GPU (one per process), or in CPU RAM
+    device_map: Any = "cpu" if cpu else {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    return {"quantization_config": config, "device_map": device_map}
+
+
+def load_kwargs(model_cfg: ModelConfig, hardware: HardwareConfig, trained: bool = True,
+                heads: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Arguments for ``from_pretrained``: the one place dtype (:func:`weights_dtype`), attention kernel
+    (:func:`attention`) and quantization are chosen. ``trained``: the weights are trained in full (False: frozen,
+    including the base of a LoRA model). Only frozen weights are quantized (hardware.load_in_4bit/8bit), never
+    the modules named in ``heads``."""
+    dtype = weights_dtype(model_cfg, hardware, trained)
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attention(model_cfg, hardware, dtype),
+                              "trust_remote_code": model_cfg.trust_remote_code}
+    if not trained:
+        kwargs.update(quantization_kwargs(hardware, heads))
     return kwargs
 
 
@@ -148,7 +231,20 @@ def from_pretrained(cls, source: str, what: str, **kwargs):
     line = load_summary(what, source, info)
     if line and is_main_process():
         print(line, file=sys.stderr)
+    if kwargs.get("device_map") == "cpu":
+        keep_4bit_trainable_on_cpu(model)
     return model
+
+
+def keep_4bit_trainable_on_cpu(model) -> None:
+    """bitsandbytes 0.50 repacks a 4-bit layer's weights into a CPU inference layout the first time the layer runs
+    in eval mode without gradients (on CPUs with AVX512-BF16), and never packs them back: training after an
+    evaluation (the initial gold score, eval loss) then fails in its packed path with a bias ("a view of a leaf
+    Variable that requires grad is being used in an in-place operation", Qwen2's q/k/v projections), and merging
+    adapters reads the wrong layout. The packing is turned off; 4-bit layers keep the layout they train in."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def load_summary(what: str, source: str, info: dict) -> str | None:
@@ -167,18 +263,31 @@ def load_summary(what: str, source: str, info: dict) -> str | None:
     return f"rlhf_exp: {what} from {source}: " + "; ".join(parts) if parts else None
 
 
-def load_causal_lm(model_cfg: ModelConfig, hardware: HardwareConfig, tokenizer, checkpoint: str | None = None):
-    """Policy weights: a parent run's checkpoint, the embedded model, or the hub/local model."""
+def load_causal_lm(model_cfg: ModelConfig, hardware: HardwareConfig, tokenizer, checkpoint: str | None = None, *,
+                   trained: bool = True):
+    """Policy weights: a parent run's checkpoint, the embedded model, or the hub/local model. ``trained=False``
+    for weights that stay frozen (PPO's reference; the base under LoRA: ``trained=not hardware.lora``)."""
     from transformers import AutoModelForCausalLM
 
+    kwargs = load_kwargs(model_cfg, hardware, trained)
     if checkpoint is not None:
-        model = from_pretrained(AutoModelForCausalLM, checkpoint, "policy", **load_kwargs(model_cfg, hardware))
+        model = from_pretrained(AutoModelForCausalLM, checkpoint, "policy", **kwargs)
     elif model_cfg.source == "embedded":
         model = build_tiny_model(model_cfg, tokenizer)
+        if "quantization_config" in kwargs:  # built in memory; bitsandbytes quantizes weights as from_pretrained reads them
+            import tempfile
+
+            from safetensors.torch import save_model
+
+            with tempfile.TemporaryDirectory() as folder:  # written by hand: save_pretrained writes on rank 0 only
+                model.config.to_json_file(f"{folder}/config.json")
+                save_model(model, f"{folder}/model.safetensors", metadata={"format": "pt"})
+                generation = model.generation_config
+                model = from_pretrained(AutoModelForCausalLM, folder, "policy", **kwargs)
+                model.generation_config = generation
     else:
         try:
-            model = from_pretrained(AutoModelForCausalLM, model_cfg.path, "policy", revision=model_cfg.revision,
-                                    **load_kwargs(model_cfg, hardware))
+            model = from_pretrained(AutoModelForCausalLM, model_cfg.path, "policy", revision=model_cfg.revision, **kwargs)
         except OSError as exc:
             raise hub_unreachable("model.path", model_cfg.path, exc) from exc
     if model.generation_config.pad_token_id is None:
@@ -186,27 +295,36 @@ def load_causal_lm(model_cfg: ModelConfig, hardware: HardwareConfig, tokenizer, 
     return model
 
 
-def load_reward_model(model_cfg: ModelConfig, hardware: HardwareConfig, tokenizer, checkpoint: str):
-    """A scalar-head sequence classifier initialised from a policy checkpoint (the head is new)."""
+# heads trained whole, never quantized: transformers' sequence/token classifiers name them score (Llama, Mistral,
+# Qwen2) or classifier
+HEADS = ("score", "classifier")
+
+
+def load_reward_model(model_cfg: ModelConfig, hardware: HardwareConfig, tokenizer, checkpoint: str, *,
+                      trained: bool = True):
+    """A scalar-head sequence classifier initialised from a policy checkpoint (the head is new). PPO's frozen
+    reward model: ``trained=False``."""
     from transformers import AutoModelForSequenceClassification
 
     model = from_pretrained(AutoModelForSequenceClassification, checkpoint, "reward model", num_labels=1,
-                            **load_kwargs(model_cfg, hardware))
+                            **load_kwargs(model_cfg, hardware, trained, heads=HEADS))
     model.config.pad_token_id = tokenizer.pad_token_id  # the score is read at the last non-pad token
     return model
 
 
-def load_value_model(model_cfg: ModelConfig, hardware: HardwareConfig, checkpoint: str):
-    """PPO's critic: one value per token, initialised from a reward model (its body already reads answers)."""
+def load_value_model(model_cfg: ModelConfig, hardware: HardwareConfig, checkpoint: str, *, trained: bool = True):
+    """PPO's critic: one value per token, initialised from a reward model (its body already reads answers).
+    With adapters on its body (phase.critic_lora): ``trained=False``, then :func:`wrap_lora` with ``force=True``."""
     from transformers import AutoModelForTokenClassification
 
     return from_pretrained(AutoModelForTokenClassification, checkpoint, "value model (critic)", num_labels=1,
-                           **load_kwargs(model_cfg, hardware))
+                           **load_kwargs(model_cfg, hardware, trained, heads=HEADS))
 
 
-def lora_config(model_cfg: ModelConfig, hardware: HardwareConfig, task_type: str = "CAUSAL_LM"):
-    """peft LoraConfig when ``hardware.lora`` is on, else None (full fine-tuning)."""
-    if not hardware.lora:
+def lora_config(model_cfg: ModelConfig, hardware: HardwareConfig, task_type: str = "CAUSAL_LM", force: bool = False):
+    """peft LoraConfig when ``hardware.lora`` is on (or ``force``), else None (full fine-tuning). For
+    "SEQ_CLS"/"TOKEN_CLS" peft trains the head (``score``) whole beside the adapters (modules_to_save)."""
+    if not (hardware.lora or force):
         return None
     from peft import LoraConfig
 
@@ -217,7 +335,126 @@ def lora_config(model_cfg: ModelConfig, hardware: HardwareConfig, task_type: str
         lora_dropout=hardware.lora_dropout,
         target_modules=targets[0] if targets == ["all-linear"] else targets,
         task_type=task_type,
+        modules_to_save=list(HEADS) if task_type in ("SEQ_CLS", "TOKEN_CLS") else None,
     )
+
+
+def prepare_for_adapters(model, hardware: HardwareConfig):
+    """What a model needs before LoRA adapters go on it. A quantized base: peft's
+    ``prepare_model_for_kbit_training`` (freezes the base, casts its unquantized half-precision parameters to
+    fp32, and turns on gradient checkpointing when hardware.gradient_checkpointing, with input gradients so the
+    checkpointed adapters get theirs). Otherwise only the input gradients under gradient checkpointing."""
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        from peft import prepare_model_for_kbit_training
+
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=hardware.gradient_checkpointing)
+    if hardware.gradient_checkpointing:
+        model.enable_input_require_grads()
+    return model
+
+
+def wrap_lora(model, model_cfg: ModelConfig, hardware: HardwareConfig, task_type: str = "CAUSAL_LM", force: bool = False):
+    """The model with LoRA adapters (a peft model), or the model unchanged when hardware.lora is false and not
+    ``force`` (PPO's critic under phase.critic_lora). ``task_type`` "CAUSAL_LM", "SEQ_CLS" or "TOKEN_CLS" (heads
+    trained whole). Adapters are fp32 (peft's default) except under ZeRO-3 with an unquantized base, where
+    DeepSpeed needs every parameter in one dtype (the base's half dtype; its optimizer keeps fp32 masters)."""
+    config = lora_config(model_cfg, hardware, task_type, force=force)
+    if config is None:
+        return model
+    from peft import get_peft_model
+
+    from rlhf_exp.launch.sharding import zero_stage
+
+    is_quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    model = prepare_for_adapters(model, hardware)
+    return get_peft_model(model, config, autocast_adapter_dtype=not (zero_stage(hardware) == 3 and not is_quantized))
+
+
+def upcast_trained(model) -> None:
+    """A quantized model's trained parameters (adapters, heads) back to fp32 after a TRL trainer made them bf16.
+    TRL 1.16 casts QLoRA adapters to bf16 (the QLoRA paper's choice); under our rule whatever is trained is held
+    in fp32, so small Adam updates are not rounded away (TRL itself keeps DoRA's magnitude vector fp32 for that
+    reason). Call after the trainer is built, before it creates its optimizer. Unquantized models are left alone:
+    under ZeRO-3 their adapters share the base's half dtype on purpose (see :func:`wrap_lora`)."""
+    if not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
+        return
+    for param in model.parameters():
+        if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
+            param.data = param.data.float()
+
+
+def loading_record(model) -> dict[str, Any]:
+    """How a model was loaded, for the run folder (launch/loading.json): whether ZeRO-3's partitioned loading was
+    on (``zero3_init``: from_pretrained under deepspeed.zero.Init; the embedded model is built whole), parameters
+    held by this process vs in the model, dtypes, quantized layers, attention kernel."""
+    from collections import Counter
+
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    local = total = 0
+    dtypes: Counter = Counter()
+    for param in model.parameters():
+        full = getattr(param, "ds_numel", param.numel())  # a ZeRO-3 partitioned parameter: ds_numel in all
+        local += param.ds_tensor.numel() if hasattr(param, "ds_tensor") else param.numel()
+        total += full
+        dtypes[str(param.dtype).removeprefix("torch.")] += full
+    layers = Counter(type(m).__name__ for m in model.modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt"))
+    return {"zero3_init": is_deepspeed_zero3_enabled(), "partitioned": local < total, "params_total": total,
+            "params_this_process": local, "dtypes": dict(dtypes), "quantized_layers": dict(layers),
+            "attn_implementation": getattr(model.config, "_attn_implementation", None)}
+
+
+def merge_adapters(model):
+    """A peft model -> the plain model with its adapters merged in. Over a bitsandbytes-quantized base (QLoRA)
+    the merge goes into dequantized weights, saved unquantized in the checkpoint's dtype: peft's own merge into
+    4-bit layers would round each adapter update into the 4-bit grid (peft warns "may get different generations
+    due to rounding errors") and save a 4-bit checkpoint that every later phase would inherit."""
+    base = model.get_base_model()
+    if not (getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False)):
+        return model.merge_and_unload()
+    from peft.tuners.lora import LoraLayer
+
+    deltas = {}
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer):
+            adapters = [a for a in module.active_adapters if a in module.lora_A]
+            if adapters:
+                deltas[name] = sum(module.get_delta_weight(a).float() for a in adapters)
+    plain = model.unload()  # adapters off, trained heads (modules_to_save) in place, 4-bit layers back
+    dtype = plain.config.dtype if isinstance(plain.config.dtype, torch.dtype) else torch.float32
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "The modules are dequantized in torch.float32 ...": what we asked for
+    try:
+        plain = plain.dequantize(dtype=torch.float32) or plain
+    finally:
+        hf_logging.set_verbosity(level)
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            plain.get_submodule(name).weight += delta
+    plain.is_loaded_in_4bit = plain.is_loaded_in_8bit = False
+    return plain.to(dtype)
+
+
+def merged_lora_state(state: dict, config) -> dict:
+    """A peft LoRA model's full state dict (gathered from shards) -> the plain model's, adapters merged into their
+    base weights (W + B A * alpha/r) and trained heads (modules_to_save) in place of the originals."""
+    import math
+
+    scaling = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
+    merged = {}
+    for key, value in state.items():
+        name = key.removeprefix("base_model.model.")
+        if ".lora_" in name or ".original_module." in name:
+            continue
+        if name.endswith(".base_layer.weight"):
+            prefix = key.removesuffix(".base_layer.weight")
+            a, b = state.get(f"{prefix}.lora_A.default.weight"), state.get(f"{prefix}.lora_B.default.weight")
+            if a is not None and b is not None:
+                value = (value.float() + (b.float() @ a.float()) * scaling).to(value.dtype)
+        merged[name.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")] = value
+    return merged
 
 
 def save_for_next_phase(model, tokenizer, path: Path, kind: str, step: int, run_id: str, trainer=None) -> Path:
@@ -227,23 +464,33 @@ def save_for_next_phase(model, tokenizer, path: Path, kind: str, step: int, run_
     step, and when, so reward-model checkpoints are never mistaken for policies. The folder is written
     under a temporary name and renamed when complete: a save that fails (a full disk) leaves no
     half-written checkpoint behind, and says so. With ``trainer`` (a sharded run: ZeRO-3 or FSDP)
-    every process calls the trainer's save, which gathers the shards into whole weights on rank 0.
+    every process calls the trainer's save, which gathers the shards into whole weights on rank 0 (with LoRA: the
+    whole state is gathered and the adapters merged on rank 0, as for an unsharded model).
     """
     import datetime as dt
     import errno
     import json
     import shutil
 
-
     partial = path.with_name(f".{path.name}.partial")
     try:
-        if trainer is not None:
+        # (a transformers Trainer; PPO's sharded backends gather and merge in their own save_model)
+        if trainer is not None and hasattr(getattr(trainer, "model", None), "peft_config"):
+            # the trainer would save the adapters alone; gather the whole state instead (a collective) and merge
+            engine = trainer.deepspeed if trainer.is_deepspeed_enabled else trainer.model
+            state = trainer.accelerator.get_state_dict(engine)
+            if is_main_process():
+                shutil.rmtree(partial, ignore_errors=True)
+                partial.mkdir(parents=True)
+                base = trainer.model.get_base_model()
+                base.save_pretrained(partial, state_dict=merged_lora_state(state, trainer.model.peft_config["default"]))
+        elif trainer is not None:
             trainer.save_model(str(partial))  # a collective: every rank
         if not is_main_process():  # rank 0 holds the same weights and writes them
             return path
         if trainer is None:
             if hasattr(model, "merge_and_unload"):
-                model = model.merge_and_unload()
+                model = merge_adapters(model)
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
             model.save_pretrained(partial)

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from rlhf_exp.config.errors import ConfigError
 from rlhf_exp.sweep import SWEEPS_DIR, SweepSummary, expand_sweep, summarize, sweep_names, sweep_overrides
 from tests.conftest import ROOT, read_json, run_cli
+from tests.launch.standins import parent_overrides
 
 SWEEPS = sweep_names()
 # the grid sweeps and their number of jobs
@@ -81,10 +82,17 @@ def test_command_line_overrides_replace_the_sweep_files():
 
 @pytest.mark.parametrize("name", sorted(GRIDS))
 def test_sweep_dry_run_through_the_cli(name, tmp_path):
-    proc = run_cli(["-m", f"sweep={name}", "dry_run=true", f"output_root={tmp_path}"])
+    """Each job planned, from stand-in parent runs (phase.sft_run, and phase.reward_run for PPO: a dry
+    run refuses a phase whose parents do not exist), and nothing written under output_root."""
+    phase = OmegaConf.load(SWEEPS_DIR / f"{name}.yaml").defaults[0]["override /phase"]
+    parents = parent_overrides(phase, tmp_path / "parents")
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = run_cli(["-m", f"sweep={name}", "dry_run=true", *parents, f"output_root={out}"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("dry run: nothing loaded") == GRIDS[name]
-    assert not list(tmp_path.rglob("sweep_summary.json")), "a dry run leaves no summary"
+    assert proc.stdout.count(f"parents   : sft={(tmp_path / 'parents' / 'standin_sft').resolve()}") == GRIDS[name]
+    assert not list(out.iterdir()), "a dry run leaves no summary, no folder"
 
 
 # --------------------------------------------------------------------------------- the summary

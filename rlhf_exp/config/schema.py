@@ -15,7 +15,7 @@ from enum import StrEnum
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import II, MISSING, OmegaConf
 
 # Choices are StrEnums: OmegaConf rejects any other value at compose time, listing the valid ones,
 # and a member formats and compares as its plain string ("bf16").
@@ -386,16 +386,17 @@ class PPOPhaseConfig(PhaseConfig):
     # each PPO epoch splits the rollout batch into this many mini-batches, one optimizer step each (every
     # process takes rollout_batch_size / num_mini_batches / processes sequences of each)
     num_mini_batches: int = 1
-    # sequences per forward/backward pass on one process; a process's share of a mini-batch is run in
-    # micro-batches of this size with gradients accumulated (one optimizer step per mini-batch, the same
-    # update as one pass), and rollout scoring (log-probs, values, rewards) runs in chunks of it too.
-    # null: the whole share in one pass
-    micro_batch_size: Optional[int] = None
-    # the critic's learning rate (OpenRLHF's defaults: actor 1e-6 (5e-7 in its 7B recipes), critic 9e-6:
-    # ~10x the policy's); with phase.critic_lora, the adapters' rate is this times 10
+    # sequences per forward/backward pass on one process (OpenRLHF's micro_train_batch_size default): a process's
+    # share of a mini-batch runs in micro-batches of this size with gradients accumulated (one optimizer step per
+    # mini-batch, the same update as one pass); rollout scoring (log-probs, values, rewards) runs in chunks of it
+    # too. A share smaller than this runs in one pass; null: always the whole share in one pass
+    micro_batch_size: Optional[int] = 8
+    # the critic's learning rate (OpenRLHF's defaults: actor 1e-6 (5e-7 in its 7B recipes), critic 9e-6, ~10x
+    # the policy's: a freshly initialised value head has far to go); the same rate with phase.critic_lora
     critic_learning_rate: float = 9e-6
-    # train LoRA adapters (hardware.lora_r/alpha) on the critic's body, plus its value head in full
-    critic_lora: bool = False
+    # train LoRA adapters (hardware.lora_r/alpha) on the critic's body, plus its value head in full; follows
+    # hardware.lora unless set (a LoRA/QLoRA run has no room for a fully trained 7-8B critic: 16 bytes/param)
+    critic_lora: bool = II("hardware.lora")
     cliprange: float = 0.2
     cliprange_value: float = 0.2
     vf_coef: float = 0.1

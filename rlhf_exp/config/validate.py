@@ -122,11 +122,17 @@ def validate(cfg: DictConfig) -> None:
               f"phase.rollout_batch_size={phase.rollout_batch_size} must split evenly into phase.num_mini_batches="
               f"{phase.num_mini_batches} mini-batches x {world} processes (hardware={cfg.hardware.name})")
         share = phase.rollout_batch_size // (phase.num_mini_batches * world)
-        check(phase.micro_batch_size is None or (phase.micro_batch_size >= 1 and share % phase.micro_batch_size == 0),
+        check(phase.micro_batch_size is None or phase.micro_batch_size >= share
+              or (phase.micro_batch_size >= 1 and share % phase.micro_batch_size == 0),
               f"phase.micro_batch_size={phase.micro_batch_size} must divide each process's share of a mini-batch: "
               f"rollout_batch_size {phase.rollout_batch_size} / num_mini_batches {phase.num_mini_batches} / {world} "
               f"process(es) = {share} sequences; use a divisor of {share}, or null")
         check(phase.critic_learning_rate > 0, f"phase.critic_learning_rate={phase.critic_learning_rate}: must be > 0")
+        # DeepSpeed applies what its engines accumulated at the mini-batch's end: a bad batch cannot be dropped
+        check(not (str(hw.distributed).startswith("deepspeed") and phase.skip_nonfinite_batches > 0),
+              f"phase.skip_nonfinite_batches={phase.skip_nonfinite_batches} with hardware.distributed={hw.distributed}: "
+              "PPO under DeepSpeed stops on a NaN/inf loss (its engines cannot drop an accumulated update); set "
+              "phase.skip_nonfinite_batches=0, or use hardware.distributed=fsdp or ddp")
 
     # model
     if model.source == "hub":
@@ -179,9 +185,72 @@ def validate(cfg: DictConfig) -> None:
           f"hardware.distributed=none with {hw.num_processes * hw.num_nodes} processes: set hardware.distributed=ddp")
     if hw.lora:
         check(hw.lora_r >= 1 and hw.lora_alpha >= 1, "hardware.lora_r and hardware.lora_alpha must be >= 1")
+    errors += _hardware_errors(cfg)
 
     if errors:
         raise ConfigError("\n".join(errors))
+
+
+def _installed(module: str) -> bool:
+    """Whether a package can be imported, without importing it (validate runs before anything heavy)."""
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def _hardware_errors(cfg: DictConfig) -> list[str]:
+    """Quantization, optimizer, offload, attention and precision against the device and the sharding."""
+    hw, model = cfg.hardware, cfg.model
+    kind = str(hw.distributed)
+    errors = []
+    quant = [f"hardware.load_in_{bits}bit=true" for bits in (4, 8) if hw[f"load_in_{bits}bit"]]
+    if len(quant) == 2:
+        errors.append("hardware.load_in_4bit and hardware.load_in_8bit are both true: pick one (4-bit nf4 is QLoRA's)")
+    if quant and not hw.lora:
+        errors.append(f"{quant[0]} with hardware.lora=false: quantized weights are frozen and cannot be fine-tuned in "
+                      f"full; add hardware.lora=true (QLoRA: adapters train on the quantized base), or set "
+                      f"{quant[0].replace('true', 'false')} to fine-tune full-precision weights")
+    if quant and kind in ("deepspeed_zero3", "fsdp"):
+        # ZeRO-3 refuses the device_map quantized loading uses ("DeepSpeed Zero-3 is not compatible with passing a
+        # `device_map`"); without it (bnb_4bit_quant_storage = the other weights' dtype) 4-bit LoRA did train on
+        # CPU processes, but the checkpoint for the next phase needs the adapters merged into gathered weights, and
+        # gathered 4-bit shards are bitsandbytes' packed storage, not weights
+        errors.append(f"{quant[0]} with hardware.distributed={kind}: quantized weights are not sharded here (the "
+                      f"model's whole weights could not be gathered and merged for the next phase); QLoRA fits one "
+                      f"GPU per process: use hardware.distributed=ddp (each process holds the whole 4-bit base) "
+                      f"or none")
+    if quant and not _installed("bitsandbytes"):
+        errors.append(f"{quant[0]} needs bitsandbytes: pip install -e '.[quant]'")
+    if hw.optimizer != "adamw_torch":
+        if not _installed("bitsandbytes"):
+            errors.append(f"hardware.optimizer={hw.optimizer} needs bitsandbytes: pip install -e '.[quant]' "
+                          "(or hardware.optimizer=adamw_torch)")
+        if hw.offload_optimizer:
+            errors.append(f"hardware.optimizer={hw.optimizer} with hardware.offload_optimizer=true: DeepSpeed then "
+                          "steps with its own CPU Adam, not this optimizer; drop one of them")
+    # offload: where the states go, and who can move them
+    if hw.offload_params and kind not in ("deepspeed_zero3", "fsdp"):
+        errors.append(f"hardware.offload_params=true with hardware.distributed={kind}: only sharded parameters are "
+                      "offloaded; use hardware.distributed=deepspeed_zero3 or fsdp, or hardware.offload_params=false")
+    if hw.offload_optimizer and not kind.startswith("deepspeed"):
+        fsdp = " (FSDP offloads parameters, gradients and optimizer states together: hardware.offload_params=true)"
+        errors.append(f"hardware.offload_optimizer=true with hardware.distributed={kind}: optimizer states are "
+                      f"offloaded by DeepSpeed ZeRO; use hardware.distributed=deepspeed_zero2 or deepspeed_zero3"
+                      f"{fsdp if kind == 'fsdp' else ''}, or hardware.offload_optimizer=false")
+    # attention kernel and precision against the device
+    attn = model.attn_implementation or hw.attn_implementation
+    attn_key = "model.attn_implementation" if model.attn_implementation else "hardware.attn_implementation"
+    if attn == "flash_attention_2":
+        if hw.accelerator == "cpu":
+            errors.append(f"{attn_key}=flash_attention_2 with hardware.accelerator=cpu: flash-attn runs on CUDA GPUs "
+                          f"only; set {attn_key}=sdpa (or leave hardware.attn_implementation null)")
+        elif hw.precision == "fp32":
+            errors.append(f"{attn_key}=flash_attention_2 with hardware.precision=fp32: flash-attn computes in fp16/bf16 "
+                          f"only; use hardware.precision=bf16, or {attn_key}=sdpa")
+        elif not _installed("flash_attn"):
+            errors.append(f"{attn_key}=flash_attention_2 needs flash-attn: pip install flash-attn --no-build-isolation "
+                          f"(or {attn_key}=sdpa)")
+    return errors
 
 
 def _synthetic_errors(cfg: DictConfig) -> list[str]:

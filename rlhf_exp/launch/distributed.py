@@ -17,6 +17,7 @@ Only rank 0 writes the run folder (``rlhf_exp.tracking.run.is_main_process``).
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 import pickle
 import shutil
@@ -46,19 +47,74 @@ def check_multiprocess_launch(cfg: DictConfig) -> None:
                           "processes on several machines: add launcher=slurm")
 
 
-def check_accelerator(cfg: DictConfig) -> None:
-    """A GPU preset on a machine without a visible GPU fails here, not deep inside a trainer. Jobs that
-    SLURM runs elsewhere are checked there (this machine may be a login node without GPUs)."""
+def check_accelerator(cfg: DictConfig, load_torch: bool = True) -> None:
+    """A GPU preset on a machine without the GPUs it asks for fails here, not deep inside a trainer. Jobs
+    that SLURM runs elsewhere are checked there (this machine may be a login node or a laptop without GPUs).
+
+    What a dry run can see is checked first, without importing torch (:func:`visible_gpus`, the installed
+    torch's build tag), so ``dry_run=true`` refuses with the same message; a real run (``load_torch``)
+    then also asks torch itself, which catches what no file shows (a driver too old for this CUDA build)."""
     if cfg.hardware.accelerator != "cuda" or cfg.launcher.name == "slurm":
+        return
+    name, n = cfg.hardware.name, int(cfg.hardware.num_processes)
+    found, source = visible_gpus()
+    if found == 0:
+        raise ConfigError(f"hardware={name} needs CUDA GPUs and none is visible here ({source}): use hardware=cpu, "
+                          "or launcher=slurm to run it on GPU nodes")
+    if found < n:
+        raise ConfigError(f"hardware={name} starts {n} processes, one per GPU, and this machine has {found} GPUs "
+                          f"({source}): use a preset for at most {found} GPUs, or launcher=slurm to run it on GPU nodes")
+    build = _torch_version()
+    if build is not None and build.partition("+")[2] == "cpu":
+        raise ConfigError(f"hardware={name} needs CUDA GPUs and none is visible here (torch {build} is a CPU-only "
+                          f"build; {source} lists {found}): install a CUDA build of torch, or use hardware=cpu")
+    if not load_torch:
         return
     import torch  # GPU presets load torch right after this anyway
 
     if not torch.cuda.is_available():
-        raise ConfigError(f"hardware={cfg.hardware.name} needs CUDA GPUs and none is visible here "
-                          "(torch.cuda.is_available() is False): use hardware=cpu")
-    if torch.cuda.device_count() < cfg.hardware.num_processes:
-        raise ConfigError(f"hardware={cfg.hardware.name} starts {cfg.hardware.num_processes} processes, one per GPU, "
-                          f"and this machine has {torch.cuda.device_count()} GPUs")
+        raise ConfigError(f"hardware={name} needs CUDA GPUs and none is visible here "
+                          f"(torch.cuda.is_available() is False; {source} lists {found}): use hardware=cpu")
+    if torch.cuda.device_count() < n:
+        raise ConfigError(f"hardware={name} starts {n} processes, one per GPU, and this machine has "
+                          f"{torch.cuda.device_count()} GPUs (torch.cuda.device_count())")
+
+
+def visible_gpus() -> tuple[int, str]:
+    """How many NVIDIA GPUs a process started here may use, counted without importing torch (a dry run
+    loads no ML library), and where the count comes from: ``nvidia-smi -L`` (else the driver's
+    /proc/driver/nvidia/gpus/), at most as many as CUDA_VISIBLE_DEVICES names when it is set."""
+    count, source = None, ""
+    smi = shutil.which("nvidia-smi")
+    if smi is not None:
+        try:
+            listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20)
+            if listed.returncode == 0:
+                count = sum(line.startswith("GPU ") for line in listed.stdout.splitlines())
+                source = "nvidia-smi -L"
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    if count is None:
+        gpus = Path("/proc/driver/nvidia/gpus")
+        count = len(list(gpus.iterdir())) if gpus.is_dir() else 0
+        source = "/proc/driver/nvidia/gpus" if gpus.is_dir() else "no NVIDIA driver: no nvidia-smi, no /proc/driver/nvidia"
+    names = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if names is not None:
+        # CUDA stops at the first invalid entry; "" and "-1" hide every GPU
+        shown = list(itertools.takewhile(lambda e: e and not e.startswith("-"), (e.strip() for e in names.split(","))))
+        if len(shown) < count:
+            count, source = len(shown), f"CUDA_VISIBLE_DEVICES={names!r} shows {len(shown)} of the {count} that {source} lists"
+    return count, source
+
+
+def _torch_version() -> str | None:
+    """The installed torch's version, read from its metadata (``2.13.0+cpu`` for a CPU-only wheel)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        return None
 
 
 from rlhf_exp.launch.sharding import SHARDED  # noqa: E402  (re-exported: the checks below use it)

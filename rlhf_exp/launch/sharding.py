@@ -48,10 +48,67 @@ def precision_section(hw) -> dict[str, Any]:
     return {"bf16": {"enabled": precision == "bf16"}, "fp16": {"enabled": precision == "fp16"}}
 
 
-def record(run_dir: Path | None, name: str, config: dict) -> None:
-    """Write a launch config into the run folder (rank 0; the caller checks) as ``launch/<name>``."""
-    if run_dir is None:
-        return
+def trainer_deepspeed(hw) -> dict[str, Any] | None:
+    """The DeepSpeed config of a TRL phase (None without DeepSpeed). Batch sizes, accumulation, clipping,
+    precision and the optimizer's hyper-parameters stay "auto": transformers fills them from the
+    TrainingArguments (HfTrainerDeepSpeedConfig), so they cannot disagree. The optimizer is the trainer's own
+    (``optim``, hardware.optimizer), except with hardware.offload_optimizer: DeepSpeed refuses a client
+    optimizer on offloaded states, so its own AdamW (DeepSpeedCPUAdam, steps on the CPU) is named here."""
+    if zero_stage(hw) is None:
+        return None
+    config: dict[str, Any] = {"zero_optimization": zero_section(hw), "bf16": {"enabled": "auto"},
+                              "fp16": {"enabled": "auto"}, "train_micro_batch_size_per_gpu": "auto",
+                              "train_batch_size": "auto", "gradient_accumulation_steps": "auto",
+                              "gradient_clipping": "auto"}
+    if hw.offload_optimizer:
+        config["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                                           "weight_decay": "auto"}}
+    return config
+
+
+def trainer_fsdp(hw) -> dict[str, Any] | None:
+    """The FSDP settings of a TRL phase (TrainingArguments' ``fsdp`` and ``fsdp_config``; None without FSDP).
+    FSDP2 (``fully_shard``): parameters, gradients and optimizer states sharded, each transformer block
+    (the model's _no_split_modules) its own unit, parameters resharded after the forward.
+    cpu_ram_efficient_loading: when FSDP wraps the model, rank 0's weights are kept and broadcast, the other
+    processes' copies go to the meta device first (transformers 5.24's from_pretrained still reads the whole
+    checkpoint in every process: a CPU RAM peak of one model per process, before sharding).
+    hardware.offload_params: parameters, gradients and optimizer states in CPU RAM (CPUOffloadPolicy).
+    hardware.gradient_checkpointing: FSDP's own activation checkpointing (the trainer's would all-gather once
+    more in the backward). A full state dict at save time: the next phase loads it directly."""
+    if str(hw.distributed) != "fsdp":
+        return None
+    # fsdp=True: the legacy strings ("full_shard auto_wrap") are deprecated in transformers 5
+    return {"fsdp": True,
+            "fsdp_config": {"version": 2, "reshard_after_forward": True, "cpu_ram_efficient_loading": True,
+                            "cpu_offload": bool(hw.offload_params),
+                            "activation_checkpointing": bool(hw.gradient_checkpointing),
+                            "state_dict_type": "FULL_STATE_DICT"}}
+
+
+def record(run_dir: Path | None, name: str, config: dict) -> Path | None:
+    """Write a launch config into the run folder as ``launch/<name>`` (JSON; rank 0 only, the others return
+    None). What a run was launched with is then on disk beside its results."""
+    import os
+
+    if run_dir is None or int(os.environ.get("RANK", "0")) != 0:
+        return None
     folder = Path(run_dir) / "launch"
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / name).write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+    path = folder / name
+    path.write_text(json.dumps(_finite(config), indent=2, sort_keys=True, default=str) + "\n")
+    return path
+
+
+def _finite(value: Any) -> Any:
+    """Strict JSON has no Infinity: transformers sets DeepSpeed's steps_per_print to inf ("never"), written as the
+    largest int64, which DeepSpeed reads the same way; NaN as a string."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and value != value:
+        return "nan"
+    if isinstance(value, float) and value in (float("inf"), float("-inf")):
+        return (2**63 - 1) if value > 0 else -(2**63 - 1)
+    return value

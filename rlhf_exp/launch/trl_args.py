@@ -1,7 +1,13 @@
 """Our schema -> TRL/transformers argument objects: the one place this mapping lives.
 
-Runners call ``sft_config`` / ``dpo_config``; nothing else builds TRL configs, so a change of TRL
-defaults (e.g. SFTConfig's bf16=True and gradient_checkpointing=True) is handled here once.
+Runners call ``sft_config`` / ``dpo_config`` / ``reward_config``; nothing else builds TRL configs, so a change of
+TRL defaults (e.g. SFTConfig's bf16=True and gradient_checkpointing=True) is handled here once.
+
+Runners build these BEFORE loading the model: under ZeRO-3 the config object creates transformers'
+HfDeepSpeedConfig, so ``from_pretrained`` loads each weight straight into its partition (``deepspeed.zero.Init``)
+instead of a whole copy per process. The object must stay alive until the model is loaded (transformers holds
+the DeepSpeed config through a weak reference): keep it in a variable and give it to the trainer. (Under FSDP,
+transformers 5.24 reads the whole checkpoint in every process either way; see runners.common.before_loading.)
 """
 
 from __future__ import annotations
@@ -10,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_exp.config.schema import RunConfig, learning_rate, resumable_checkpoints
+from rlhf_exp.launch.sharding import SHARDED
+from rlhf_exp.optim import trl_optim_name
 
 
 def _checkpointing_key() -> str:
@@ -23,22 +31,14 @@ def _checkpointing_key() -> str:
 
 
 def sharding_kwargs(hw) -> dict[str, Any]:
-    """``hardware.distributed`` -> TrainingArguments' DeepSpeed / FSDP settings. Batch size, precision
-    and clipping stay "auto": transformers fills them from the arguments above, so they cannot disagree.
-    (Written from the transformers and DeepSpeed docs; not yet run on GPUs here, see README.)"""
-    kind = str(hw.distributed)
-    if kind.startswith("deepspeed_zero"):
-        zero: dict[str, Any] = {"stage": int(kind[-1]), "overlap_comm": True, "contiguous_gradients": True}
-        if zero["stage"] == 3:  # save whole 16-bit weights, not shards: the next phase loads them directly
-            zero["stage3_gather_16bit_weights_on_model_save"] = True
-        return {"deepspeed": {"zero_optimization": zero, "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
-                              "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
-                              "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}}
-    if kind == "fsdp":
-        # shard parameters, gradients and optimizer state; wrap each transformer block (the model's
-        # _no_split_modules); a full state dict at save time for the next phase
-        return {"fsdp": "full_shard auto_wrap", "fsdp_config": {"state_dict_type": "FULL_STATE_DICT"}}
-    return {}
+    """``hardware.distributed`` -> TrainingArguments' DeepSpeed / FSDP settings (written in
+    rlhf_exp.launch.sharding; batch size, precision and clipping stay "auto" for transformers to fill)."""
+    from rlhf_exp.launch.sharding import trainer_deepspeed, trainer_fsdp
+
+    deepspeed = trainer_deepspeed(hw)
+    if deepspeed is not None:
+        return {"deepspeed": deepspeed}
+    return trainer_fsdp(hw) or {}
 
 
 def training_kwargs(cfg: RunConfig, run_dir: Path, has_eval: bool, best_metric: str = "eval_loss",
@@ -77,14 +77,19 @@ def training_kwargs(cfg: RunConfig, run_dir: Path, has_eval: bool, best_metric: 
         # transformers counts the protected best checkpoint inside the limit: one more keeps the newest N
         # plus the best (with an eval split), and a checkpoint to fall back on while a new one is marked
         "save_total_limit": (phase.keep_checkpoints + int(has_eval)) if resumable else 2 if early_stop else None,
-        "save_only_model": not resumable,
+        # weights only when nothing resumes from them; DeepSpeed and FSDP restore the best model at the end from a
+        # full checkpoint only ("DeepSpeed can't be used with `save_only_model` along with `load_best_model_at_end`")
+        "save_only_model": not resumable and not (early_stop and str(hw.distributed) in SHARDED),
         "load_best_model_at_end": early_stop,
         # early stopping and the restored "best" model follow this metric
         "metric_for_best_model": best_metric,
         "greater_is_better": greater_is_better,
         "bf16": precision == "bf16",
         "fp16": precision == "fp16",
-        _checkpointing_key(): hw.gradient_checkpointing,
+        # under FSDP its own activation checkpointing does it (fsdp_config); the trainer's would gather twice
+        _checkpointing_key(): hw.gradient_checkpointing and str(hw.distributed) != "fsdp",
+        # hardware.optimizer (under DeepSpeed with offload_optimizer its config names DeepSpeed's own)
+        "optim": trl_optim_name(hw),
         "use_cpu": hw.accelerator == "cpu",
         # every parameter gets a gradient in each step: skip DDP's search for unused ones
         "ddp_find_unused_parameters": False if hw.num_processes * hw.num_nodes > 1 else None,

@@ -9,7 +9,6 @@ the RM run's ``reward_stats.json``. The math lives in ``rlhf_exp.ppo.core``; thi
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -75,14 +74,14 @@ class SeededSampler:
         return torch.full_like(scores, float("-inf")).scatter(-1, pick, 0.0)
 
 
-def sample(model, tokenizer, input_ids, attention_mask, sampler: SeededSampler, max_new_tokens: int):
+def sample(model, tokenizer, input_ids, attention_mask, sampler: SeededSampler, max_new_tokens: int, **kwargs):
     """Prompt + sampled answer ids: greedy decoding over the sampler's one-hot logits, with no processor
     of the checkpoint's own generation config (repetition penalty, top-k, ...) in between."""
     from transformers import LogitsProcessorList
 
     with own_generation_config(model, tokenizer, do_sample=False, max_new_tokens=max_new_tokens) as config:
         return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                              logits_processor=LogitsProcessorList([sampler]))
+                              logits_processor=LogitsProcessorList([sampler]), **kwargs)
 
 
 def token_values(critic, input_ids, attention_mask, prompt_len: int):
@@ -91,47 +90,60 @@ def token_values(critic, input_ids, attention_mask, prompt_len: int):
 
 
 class PPOTrainer:
-    def __init__(self, phase, policy, critic, reward_model, tokenizer, prompts: list, reward_stats: dict | None,
-                 seed: int, accelerator, reference=None, gold_fn=None, policy_lr: float | None = None,
-                 prompt_ids: list[list[int]] | None = None):
+    """The PPO loop over a :class:`rlhf_exp.ppo.engines.Backend` (DDP, FSDP or DeepSpeed hold the models)."""
+
+    def __init__(self, cfg, policy, critic, reward_model, tokenizer, prompts: list, reward_stats: dict | None,
+                 accelerator, reference=None, gold_fn=None, policy_lr: float | None = None,
+                 prompt_ids: list[list[int]] | None = None, run_dir=None):
+        from rlhf_exp.ppo.engines import backend_for
+
+        phase = cfg.phase
         self.phase = phase
         self.accelerator = accelerator
-        self.reference = reference  # None: the policy with its LoRA adapters disabled
         self.tokenizer = tokenizer
         self.prompts = prompts  # strings or message lists
         # as SFT tokenized them (one BOS), unless the caller already has them
         self.prompt_ids = prompt_ids or [encode_prompt(tokenizer, p) for p in prompts]
         self.reward_stats = reward_stats
         self.gold_fn = gold_fn
-        self.seed = seed
-        self.generator = torch.Generator().manual_seed(seed)  # prompt picks and mini-batch order
+        self.seed = cfg.seed
+        self.generator = torch.Generator().manual_seed(cfg.seed)  # prompt picks and mini-batch order
         self.steps_done = 0
         self.skipped = 0  # mini-batches whose NaN/inf update was dropped
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         self.kl_ctl = core.kl_controller(str(phase.kl_ctrl), phase.kl_coef, phase.kl_target, phase.kl_horizon)
         for model in (policy, critic):
             disable_dropout(model)
-        trainable = [p for p in policy.parameters() if p.requires_grad]
-        # policy_lr: phase.lora_learning_rate for LoRA adapters; the critic is trained whole at learning_rate
-        policy_opt = torch.optim.AdamW(trainable, lr=policy_lr or phase.learning_rate, weight_decay=phase.weight_decay)
-        critic_opt = torch.optim.AdamW(critic.parameters(), lr=phase.learning_rate, weight_decay=phase.weight_decay)
-        # accelerate places the trained models and wraps them for DDP when several processes run
-        self.policy, self.critic, self.policy_opt, self.critic_opt = accelerator.prepare(
-            policy, critic, policy_opt, critic_opt)
+            if cfg.hardware.gradient_checkpointing:  # activations recomputed in backward: memory for compute
+                enable_checkpointing(model)
+        # policy_lr: phase.lora_learning_rate for LoRA adapters; the critic at phase.critic_learning_rate
+        self.engines = backend_for(cfg.hardware)(cfg, policy, critic, reference, reward_model, accelerator,
+                                                 policy_lr or phase.learning_rate, run_dir=run_dir)
         self.device = accelerator.device
-        for frozen in (reward_model, reference):
-            if frozen is not None:
-                frozen.requires_grad_(False).eval().to(self.device)
-        self.reward_model = reward_model
-        accelerator.register_for_checkpointing(self)
+
+    @property
+    def policy(self):
+        return self.engines.policy
+
+    @property
+    def critic(self):
+        return self.engines.critic
+
+    def _chunks(self, n: int):
+        """Row slices of at most phase.micro_batch_size (rollout scoring runs in these)."""
+        size = self.phase.micro_batch_size or n
+        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
     # -- rollout -------------------------------------------------------------------------------
     def _reference_logprobs(self, ids, attn, prompt_len):
         with torch.no_grad():
-            if self.reference is not None:
-                return token_logprobs(self.reference, ids, attn, prompt_len, self.phase.temperature)[0]
-            with self.accelerator.unwrap_model(self.policy).disable_adapter():
-                return token_logprobs(self.policy, ids, attn, prompt_len, self.phase.temperature)[0]
+            if self.engines.reference is not None:
+                with self.engines.frozen(self.engines.reference) as reference:
+                    return torch.cat([token_logprobs(reference, ids[c], attn[c], prompt_len, self.phase.temperature)[0]
+                                      for c in self._chunks(len(ids))])
+            with self.engines.bare_policy().disable_adapter():
+                return torch.cat([token_logprobs(self.policy, ids[c], attn[c], prompt_len, self.phase.temperature)[0]
+                                  for c in self._chunks(len(ids))])
 
     @torch.no_grad()
     def rollout(self) -> tuple[Rollout, torch.Tensor]:
@@ -149,8 +161,9 @@ class PPOTrainer:
         ids, attn = ids[rows].to(self.device), attn[rows].to(self.device)
         sampler = SeededSampler(phase.temperature, self.seed * 1_000_003 + self.steps_done, rows, total, self.device)
         self.policy.eval()
-        # the bare model (out of DDP's wrapper) generates; PPO refuses ZeRO-3/FSDP, so its weights are whole
-        out = sample(acc.unwrap_model(self.policy), tok, ids, attn, sampler, phase.max_new_tokens)
+        # the bare model (out of DDP's wrapper) generates; sharded ones gather each layer as they reach it
+        out = sample(self.engines.bare_policy(), tok, ids, attn, sampler, phase.max_new_tokens,
+                     **self.engines.generate_kwargs)
         prompt_len = ids.shape[1]
         if self.world > 1:  # processes stop generating at different lengths: pad to the longest
             longest = int(acc.gather(torch.tensor([out.shape[1]], device=self.device)).max())
@@ -158,11 +171,16 @@ class PPOTrainer:
         response = out[:, prompt_len:]
         mask = core.response_mask(response, tok.eos_token_id)
         attn = torch.cat([attn, mask.long()], dim=1)
-        logprobs, entropy = token_logprobs(self.policy, out, attn, prompt_len, phase.temperature)
+        chunks = self._chunks(len(out))
+        scored = [token_logprobs(self.policy, out[c], attn[c], prompt_len, phase.temperature) for c in chunks]
+        logprobs, entropy = torch.cat([s[0] for s in scored]), torch.cat([s[1] for s in scored])
         ref_logprobs = self._reference_logprobs(out, attn, prompt_len)
-        values = token_values(self.critic, out, attn, prompt_len)
+        values = torch.cat([token_values(self.critic, out[c], attn[c], prompt_len) for c in chunks])
         texts = tok.batch_decode(response * mask.long() + tok.pad_token_id * (1 - mask.long()), skip_special_tokens=True)
-        scores = self._scores(prompts[rows], [self.prompt_ids[i] for i in pick[rows]], response, mask)
+        with self.engines.frozen(self.engines.reward_model) as reward_model:
+            mine = [self.prompt_ids[i] for i in pick[rows]]
+            scores = torch.cat([self._scores(reward_model, prompts[rows][c], mine[c], response[c], mask[c])
+                                for c in chunks])
         tensors = [out, attn, mask, logprobs, ref_logprobs, values, scores, entropy]
         if self.world > 1:
             from accelerate.utils import gather_object
@@ -173,7 +191,7 @@ class PPOTrainer:
         rollout = Rollout(out, attn, prompt_len, mask, logprobs, ref_logprobs, values, scores, prompts, texts)
         return rollout, core.masked_mean(entropy, mask)
 
-    def _scores(self, prompts: list, prompt_ids: list[list[int]], response, mask) -> torch.Tensor:
+    def _scores(self, reward_model, prompts: list, prompt_ids: list[list[int]], response, mask) -> torch.Tensor:
         """Reward-model scores on the ids RewardTrainer trained on (``rlhf_exp.data.encode``). Chat prompts:
         the conversation with the answer's text as the assistant turn, through the chat template, so the
         template's tail (Qwen's "<|im_end|>\\n") is there and the score is read where training read it;
@@ -188,7 +206,7 @@ class PPOTrainer:
                 rows.append(scored_ids(tok, prompt, text, finished=finished))
             else:
                 rows.append(prompt_ids[i] + answer)
-        return score_ids(self.reward_model, rows, tok.pad_token_id, self.device).to(self.device)
+        return score_ids(reward_model, rows, tok.pad_token_id, self.device).to(self.device)
 
     def shaped_scores(self, r: Rollout) -> torch.Tensor:
         """RM score, normalised and clipped, minus the length and missing-EOS penalties."""
@@ -222,27 +240,29 @@ class PPOTrainer:
             order = torch.randperm(batch, generator=self.generator)
             for minibatch_index, minibatch in enumerate(order.chunk(phase.num_mini_batches), start=1):
                 # each process takes its share of the mini-batch; dividing by the whole mini-batch's token
-                # count (over the number of processes, which DDP's gradient averaging multiplies back)
-                # makes the update the one a single process computes on the whole mini-batch
+                # count (over the number of processes, which gradient averaging multiplies back) makes the
+                # update the one a single process computes on the whole mini-batch, however the share is
+                # split into micro-batches (their gradients add up before the one optimizer step)
                 tokens = r.mask[minibatch].sum().clamp(min=1) / self.world
-                idx = minibatch.chunk(self.world)[self.rank]
-                ids, attn, m = r.input_ids[idx], r.attention_mask[idx], r.mask[idx]
-                logprobs, _ = token_logprobs(self.policy, ids, attn, r.prompt_len, phase.temperature)
-                values = token_values(self.critic, ids, attn, r.prompt_len)
-                pl = core.clipped_policy_loss(logprobs, r.logprobs[idx], advantages[idx], m, phase.cliprange, tokens)
-                vl = core.clipped_value_loss(values, r.values[idx], returns[idx], m, phase.cliprange_value, tokens)
-                self.policy_opt.zero_grad()
-                self.critic_opt.zero_grad()
-                self.accelerator.backward(pl.loss + phase.vf_coef * vl)
+                share = minibatch.chunk(self.world)[self.rank]
+                micro = share.split(phase.micro_batch_size or len(share))
+                sums = torch.zeros(4, device=self.device)
+                for j, idx in enumerate(micro):
+                    with self.engines.accumulating(last=j == len(micro) - 1):
+                        ids, attn, m = r.input_ids[idx], r.attention_mask[idx], r.mask[idx]
+                        logprobs, _ = token_logprobs(self.policy, ids, attn, r.prompt_len, phase.temperature)
+                        values = token_values(self.critic, ids, attn, r.prompt_len)
+                        pl = core.clipped_policy_loss(logprobs, r.logprobs[idx], advantages[idx], m, phase.cliprange,
+                                                      tokens)
+                        vl = core.clipped_value_loss(values, r.values[idx], returns[idx], m, phase.cliprange_value,
+                                                     tokens)
+                        self.engines.backward(pl.loss, phase.vf_coef * vl)
+                    sums += torch.stack([pl.loss, vl, pl.clipfrac, pl.approx_kl]).detach()
                 if self._nonfinite(minibatch_index):  # its update is dropped, or the run stops
                     continue
-                self.accelerator.clip_grad_norm_(self.policy.parameters(), phase.max_grad_norm)
-                self.accelerator.clip_grad_norm_(self.critic.parameters(), phase.max_grad_norm)
-                self.policy_opt.step()
-                self.critic_opt.step()
+                self.engines.step()
                 # the mini-batch's means: each process holds a share of them
-                shares = torch.stack([pl.loss, vl, pl.clipfrac, pl.approx_kl]).detach()
-                means = (self.accelerator.reduce(shares, "mean") if self.world > 1 else shares).tolist()
+                means = (self.accelerator.reduce(sums, "mean") if self.world > 1 else sums).tolist()
                 for key, value in zip(("policy_loss", "value_loss", "clipfrac", "approx_kl"), means):
                     stats[key].append(value)
                 # old TRL's rule: stop this step's epochs once the update drifted 1.5x past target_kl
@@ -276,20 +296,15 @@ class PPOTrainer:
         return metrics
 
     def _nonfinite(self, minibatch: int) -> bool:
-        """NaN/inf gradients (the same on every process: DDP averaged them) are never applied: the
-        mini-batch is skipped while phase.skip_nonfinite_batches allows, else the run stops."""
-        from rlhf_exp.tracking.hf_callback import nonfinite_gradients
-
-        if self.accelerator.mixed_precision == "fp16":  # its loss scaler skips overflowing steps itself
-            return False
-        params = [*self.policy.parameters(), *self.critic.parameters()]
-        if not nonfinite_gradients(params):
+        """NaN/inf gradients (the same answer on every process) are never applied: the mini-batch is skipped
+        while phase.skip_nonfinite_batches allows, else the run stops. (Under DeepSpeed a NaN/inf loss stops the
+        run before its backward: rlhf_exp.ppo.engines.DeepSpeed.)"""
+        if not self.engines.nonfinite_gradients():
             return False
         where = f"PPO step {self.steps_done + 1}, mini-batch {minibatch}"
         if self.skipped < self.phase.skip_nonfinite_batches:
             self.skipped += 1
-            self.policy_opt.zero_grad()
-            self.critic_opt.zero_grad()
+            self.engines.zero_grad()
             if self.accelerator.is_main_process:
                 print(f"rlhf_exp: warning: NaN/inf gradients in {where}: its update is skipped ({self.skipped} of "
                       f"phase.skip_nonfinite_batches={self.phase.skip_nonfinite_batches})", file=sys.stderr)
@@ -302,8 +317,8 @@ class PPOTrainer:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """What accelerate's save_state does not know about: steps done, the picks/mini-batch generator
-        and the KL controller (registered with accelerate, so it lands in every checkpoint)."""
+        """What the models' checkpoint does not hold: steps done, the picks/mini-batch generator and the
+        KL controller (saved by the backend with every checkpoint)."""
         return {"steps_done": self.steps_done, "generator": self.generator.get_state(), "kl_ctl": self.kl_ctl.state_dict(),
                 "skipped": self.skipped}
 
@@ -320,7 +335,7 @@ class PPOTrainer:
         from rlhf_exp.tracking.checkpoints import mark_complete
 
         partial = folder.with_name(f".{folder.name}.partial")  # renamed once complete
-        self.accelerator.save_state(str(partial))
+        self.engines.save(partial, self.state_dict())
         self.accelerator.wait_for_everyone()
         mark_complete(partial, self.steps_done, metric=metric)
         if self.accelerator.is_main_process:
@@ -330,7 +345,7 @@ class PPOTrainer:
         GUARD.saved()
 
     def load_checkpoint(self, folder: Path) -> None:
-        self.accelerator.load_state(str(folder))
+        self.load_state_dict(self.engines.load(folder))
 
     def train(self, steps: int, log, checkpoints: Path | None = None, save_steps: int | None = None,
               save_minutes: float | None = None, keep: int = 2) -> dict[str, float]:
@@ -374,6 +389,10 @@ def disable_dropout(model) -> None:
             module.p = 0.0
 
 
-def frozen_copy(model):
-    return copy.deepcopy(model).requires_grad_(False).eval()
+def enable_checkpointing(model) -> None:
+    """Gradient checkpointing (non-reentrant: works with frozen inputs and LoRA) on a transformers model or
+    its peft wrapper."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
 

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import logging
-import shutil
-import sys
-import time
-import warnings
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-from rlhf_exp.config.schema import RunConfig
-from rlhf_exp.data.loading import PhaseData
-from rlhf_exp.tracking.hf_callback import NonFiniteGradients, RunLogCallback, rename, summary_key
-from rlhf_exp.tracking.run import Run, is_main_process
+# bitsandbytes, imported by transformers/peft whenever it is installed, warns at import on CPUs with AVX512-BF16
+# that an optional package with a faster CPU 4-bit kernel is missing; 4-bit runs without it. Quieted before the
+# imports below pull it in.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+import os  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+from rlhf_exp.config.schema import RunConfig  # noqa: E402
+from rlhf_exp.data.loading import PhaseData  # noqa: E402
+from rlhf_exp.tracking.hf_callback import NonFiniteGradients, RunLogCallback, rename, summary_key  # noqa: E402
+from rlhf_exp.tracking.run import Run, is_main_process  # noqa: E402
 
 
 class _TiedHeadFilter(logging.Filter):
@@ -37,6 +44,9 @@ def quiet_libraries() -> None:
     logging.getLogger("transformers.trainer").addFilter(_TiedHeadFilter())
     # raised by TRL's own call of a renamed transformers property, not by anything a user can change
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    # DeepSpeed 0.19's ZeRO calls torch.distributed's renamed collectives, two lines per call, every step
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` "
+                            "is deprecated", category=FutureWarning)
 
 
 def start(cfg: RunConfig, run: Run):
@@ -50,6 +60,38 @@ def start(cfg: RunConfig, run: Run):
     set_seed(cfg.seed)
     sft = run.parent("sft")
     return sft, load_tokenizer(cfg.model, checkpoint=sft["checkpoint"] if sft else None)
+
+
+def before_loading(cfg: RunConfig, run: Run, args) -> None:
+    """Between building a phase's TRL config (``args``) and loading its model. Records the DeepSpeed / FSDP
+    settings the trainer uses in the run folder (launch/deepspeed.json, with transformers' "auto" values filled;
+    launch/fsdp.json). Under ZeRO-3, ``args`` (alive until the model is loaded) makes from_pretrained load each
+    weight into its partition (deepspeed.zero.Init). Under FSDP, transformers 5.24 still reads the whole checkpoint
+    in every process (CPU RAM); accelerate then keeps rank 0's weights (cpu_ram_efficient_loading), moves the
+    others' to the meta device, shards, and broadcasts: each process ends up holding its shard."""
+    from rlhf_exp.launch.sharding import record
+
+    if getattr(args, "hf_deepspeed_config", None) is not None:
+        record(run.dir, "deepspeed.json", args.hf_deepspeed_config.config)
+        if args.hf_deepspeed_config.is_zero3() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            import deepspeed
+
+            # zero.Init reads the world size from DeepSpeed's own communication layer; on CPU processes
+            # accelerate starts torch.distributed without it, and zero.Init then takes the world for 1 process
+            # and refuses the batch sizes ("train_batch_size ... 128 != 64 * 1 * 1")
+            args.device  # noqa: B018  (torch.distributed started by accelerate, as the trainer would)
+            deepspeed.init_distributed(dist_backend="gloo" if cfg.hardware.accelerator == "cpu" else "nccl")
+    if args.fsdp:
+        record(run.dir, "fsdp.json", {"fsdp": args.fsdp, "fsdp_config": args.fsdp_config,
+                                      "accelerate_plugin": args.fsdp_plugin_args})
+
+
+def after_loading(cfg: RunConfig, run: Run, model, what: str) -> None:
+    """How the model was loaded (partitioned or whole, dtypes, quantized layers): launch/loading.json."""
+    from rlhf_exp.launch.sharding import record
+    from rlhf_exp.models import loading_record
+
+    record(run.dir, "loading.json", {what: loading_record(model)})
 
 
 def phase_data(cfg: RunConfig, tokenizer, preferences: bool, run: Run | None = None) -> PhaseData:
@@ -86,14 +128,34 @@ def callbacks(cfg: RunConfig, run: Run, data: PhaseData) -> tuple[RunLogCallback
 def gold(cfg: RunConfig, model, tokenizer, data: PhaseData, run: Run, name: str) -> float | None:
     """Mean gold reward of greedy answers on the held-out prompts (embedded task only). Rank 0 only
     (the other workers would repeat the same generations), except in a sharded run, where generating
-    needs every rank's shard: all ranks generate in step and rank 0 records."""
-    if not data.eval_prompts or not (run.main or sharded(cfg)):
+    needs every rank's shard: all ranks generate in step and rank 0 records.
+
+    Before training (``name="initial"``) the trainer has not sharded the model yet. Under ZeRO-3 every rank still
+    generates in step (transformers' generate synchronises the ranks' steps whenever ZeRO-3 is on), with the
+    weights gathered when they were loaded partitioned. Otherwise the model is whole on rank 0 (under FSDP the
+    other ranks hold empty weights until FSDP broadcasts rank 0's), and rank 0 measures alone."""
+    import contextlib
+
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    # PPO measures its starting policy after sharding it (FSDP2 DTensors, a ZeRO-3 engine's module whose hooks
+    # gather each layer): every rank takes part, nothing else to gather
+    in_shards = any(type(p).__name__ == "DTensor" for p in model.parameters()) or hasattr(model, "ds_inflight_param_registry")
+    together = sharded(cfg) and (name != "initial" or in_shards or is_deepspeed_zero3_enabled())
+    if not data.eval_prompts or not (run.main or together):
         return None
     from rlhf_exp.evaluation import gold_score
 
-    return gold_score(model, tokenizer, data.eval_prompts, cfg.phase.max_new_tokens,
-                      cfg.phase.per_device_eval_batch_size,
-                      samples_path=run.dir / f"samples_{name}.jsonl" if run.main else None, desc=f"gold eval ({name})")
+    gathered = contextlib.nullcontext()
+    if name == "initial" and not in_shards and any(hasattr(p, "ds_id") for p in model.parameters()):
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(list(model.parameters()))
+    with gathered:
+        return gold_score(model, tokenizer, data.eval_prompts, cfg.phase.max_new_tokens,
+                          cfg.phase.per_device_eval_batch_size,
+                          samples_path=run.dir / f"samples_{name}.jsonl" if run.main else None,
+                          desc=f"gold eval ({name})")
 
 
 def sharded(cfg: RunConfig) -> bool:
@@ -171,6 +233,8 @@ def train_and_evaluate(cfg: RunConfig, run: Run, built: Built) -> dict:
 def announce_resume(run: Run, step: int, checkpoint) -> None:
     """Resuming from ``checkpoint`` (of ``step``; None: from the start): metrics after it are dropped."""
     run.truncate_metrics(step)
+    if not run.main:  # said once, by rank 0
+        return
     previous = (run.manifest.get("attempts") or [{}])[-1]
     how = {"interrupted": "was stopped by a signal", "failed": "failed",
            "running": "was killed before it could record how it ended (SIGKILL, out of memory, a lost node)"}

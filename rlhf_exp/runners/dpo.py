@@ -1,7 +1,8 @@
 """Direct Preference Optimization on TRL's DPOTrainer, starting from an SFT run.
 
-The reference model is the SFT model. With ``hardware.lora=true`` TRL uses the policy with its
-adapters disabled as the reference, so no second copy of the weights is held.
+The reference model is the SFT model, loaded frozen (in the half dtype under bf16/fp16). With
+``hardware.lora=true`` TRL uses the policy with its adapters disabled as the reference, so no second copy of
+the weights is held.
 """
 
 from __future__ import annotations
@@ -14,26 +15,45 @@ def build(cfg: RunConfig, run: Run):
     from trl import DPOTrainer
 
     from rlhf_exp.launch.trl_args import dpo_config
-    from rlhf_exp.models import load_causal_lm, lora_config
-    from rlhf_exp.runners.common import Built, callbacks, phase_data, record_initial_gold, start
+    from rlhf_exp.models import load_causal_lm, lora_config, prepare_for_adapters, upcast_trained
+    from rlhf_exp.runners.common import (
+        Built,
+        after_loading,
+        before_loading,
+        callbacks,
+        phase_data,
+        record_initial_gold,
+        start,
+    )
 
+    hw = cfg.hardware
     sft, tokenizer = start(cfg, run)
     data = phase_data(cfg, tokenizer, preferences=True, run=run)
-    model = load_causal_lm(cfg.model, cfg.hardware, tokenizer, checkpoint=sft["checkpoint"])
+    # the config before the model: under ZeRO-3 it then loads partitioned (see trl_args)
+    args = dpo_config(cfg, run.dir, has_eval=data.eval is not None)
+    before_loading(cfg, run, args)
+    model = load_causal_lm(cfg.model, hw, tokenizer, checkpoint=sft["checkpoint"], trained=not hw.lora)
+    after_loading(cfg, run, model, "policy")
     metrics: dict = {"sft_run": sft["run_id"]}
     record_initial_gold(cfg, model, tokenizer, data, run, metrics)
 
+    # the reference: under LoRA the policy with its adapters disabled (TRL's, no second copy); else the SFT
+    # checkpoint again, frozen, so in the half dtype (TRL would load it in the policy's fp32)
+    ref_model = None if hw.lora else load_causal_lm(cfg.model, hw, tokenizer, checkpoint=sft["checkpoint"], trained=False)
     log, cbs = callbacks(cfg, run, data)
     trainer = DPOTrainer(
-        model=model,
-        ref_model=None,  # TRL: adapters disabled under LoRA, else a fresh load of the SFT checkpoint
-        args=dpo_config(cfg, run.dir, has_eval=data.eval is not None),
+        # TRL puts the adapters on (peft_config): given an already wrapped model it would add a second, "ref"
+        # adapter as the reference instead of disabling the adapters
+        model=prepare_for_adapters(model, hw) if hw.lora else model,
+        ref_model=ref_model,
+        args=args,
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=tokenizer,
-        peft_config=lora_config(cfg.model, cfg.hardware),
+        peft_config=lora_config(cfg.model, hw),
         callbacks=cbs,
     )
+    upcast_trained(trainer.model)
     return Built(trainer, log, tokenizer, data, metrics)
 
 

@@ -37,33 +37,44 @@ def run(cfg: RunConfig, run: Run) -> dict:
 
     from rlhf_exp.config.schema import learning_rate, resumable_checkpoints
     from rlhf_exp.data.synthetic import gold_reward
-    from rlhf_exp.models import load_causal_lm, load_reward_model, load_value_model, lora_config, save_for_next_phase
-    from rlhf_exp.ppo.trainer import PPOTrainer, frozen_copy, load_reward_stats
+    from rlhf_exp.models import load_causal_lm, load_reward_model, load_value_model, save_for_next_phase, wrap_lora
+    from rlhf_exp.ppo.engines import loading_context
+    from rlhf_exp.ppo.trainer import PPOTrainer, load_reward_stats
     from rlhf_exp.runners.common import announce_resume, finish_checkpoints, gold, record_initial_gold, start
     from rlhf_exp.tracking.checkpoints import best_unless_final, latest_complete, metric_of
 
+    # first: the process group (and, on GPUs, this process's device) for everything below
+    accelerator = Accelerator(cpu=cfg.hardware.accelerator == "cpu",
+                              mixed_precision={"fp32": "no"}.get(str(cfg.hardware.precision), str(cfg.hardware.precision)))
     sft, tokenizer = start(cfg, run)
     rm = run.parent("rm")
     prompts, prompt_ids, data = _prompts(cfg, tokenizer, run)
-    policy = load_causal_lm(cfg.model, cfg.hardware, tokenizer, checkpoint=sft["checkpoint"])
-    metrics: dict = {"sft_run": sft["run_id"], "reward_run": rm["run_id"]}
-    record_initial_gold(cfg, policy, tokenizer, data, run, metrics)
-
-    peft = lora_config(cfg.model, cfg.hardware)
-    if peft is not None:
-        from peft import get_peft_model
-
-        policy, reference = get_peft_model(policy, peft), None  # reference = adapters disabled
+    hw, lora = cfg.hardware, cfg.hardware.lora
+    # under ZeRO-3 every model loads partitioned (no process holds whole weights); kept alive while they load
+    partitioned = loading_context(cfg)
+    policy = load_causal_lm(cfg.model, hw, tokenizer, checkpoint=sft["checkpoint"], trained=not lora)
+    if lora:
+        policy, reference = wrap_lora(policy, cfg.model, hw), None  # reference = adapters disabled
     else:
-        reference = frozen_copy(policy)
-    reward_model = load_reward_model(cfg.model, cfg.hardware, tokenizer, rm["checkpoint"])
-    critic = load_value_model(cfg.model, cfg.hardware, rm["checkpoint"])
-    accelerator = Accelerator(cpu=cfg.hardware.accelerator == "cpu",
-                              mixed_precision={"fp32": "no"}.get(str(cfg.hardware.precision), str(cfg.hardware.precision)))
-    trainer = PPOTrainer(cfg.phase, policy, critic, reward_model, tokenizer, prompts,
-                         load_reward_stats(rm["path"]), cfg.seed, accelerator, reference=reference,
-                         gold_fn=gold_reward if data.eval_prompts else None,
-                         policy_lr=learning_rate(cfg.phase, cfg.hardware), prompt_ids=prompt_ids)
+        reference = load_causal_lm(cfg.model, hw, tokenizer, checkpoint=sft["checkpoint"], trained=False)
+    reward_model = load_reward_model(cfg.model, hw, tokenizer, rm["checkpoint"], trained=False)
+    critic = load_value_model(cfg.model, hw, rm["checkpoint"], trained=not cfg.phase.critic_lora)
+    if cfg.phase.critic_lora:  # adapters on the critic's body; its value head trained whole
+        critic = wrap_lora(critic, cfg.model, hw, task_type="TOKEN_CLS", force=True)
+    if run.main:  # how each model was loaded (partitioned, dtypes, quantized layers): launch/loading.json
+        from rlhf_exp.launch.sharding import record
+        from rlhf_exp.models import loading_record
+
+        record(run.dir, "loading.json", {name: loading_record(model) for name, model in (
+            ("policy", policy), ("reference", reference), ("reward_model", reward_model), ("critic", critic))
+            if model is not None})
+    metrics: dict = {"sft_run": sft["run_id"], "reward_run": rm["run_id"]}
+    trainer = PPOTrainer(cfg, policy, critic, reward_model, tokenizer, prompts, load_reward_stats(rm["path"]),
+                         accelerator, reference=reference, gold_fn=gold_reward if data.eval_prompts else None,
+                         policy_lr=learning_rate(cfg.phase, hw), prompt_ids=prompt_ids,
+                         run_dir=run.dir if run.main else None)
+    del partitioned
+    record_initial_gold(cfg, trainer.engines.bare_policy(), tokenizer, data, run, metrics)
     from rlhf_exp.data.report import preview_prompts
 
     run.write_preview(preview_prompts(trainer.prompt_ids, tokenizer))
@@ -84,13 +95,14 @@ def run(cfg: RunConfig, run: Run) -> dict:
 
     metrics.update(steps=steps, num_processes=accelerator.num_processes, kl=last["ppo/kl"], reward=last["ppo/reward"],
                    kl_coef_final=trainer.kl_ctl.value)
-    policy = accelerator.unwrap_model(trainer.policy)
+    policy = trainer.engines.bare_policy()
     score = gold(cfg, policy, tokenizer, data, run, "final")
     if score is not None:
         metrics["gold_score"] = score
         run.log({"eval/gold_score": score}, step=steps)
-    final_dir = save_for_next_phase(policy, tokenizer, run.checkpoint_dir / "final", "policy", steps,
-                                    run.run_id)
+    model, saver = trainer.engines.final_policy()  # sharded: the backend gathers the whole weights
+    final_dir = save_for_next_phase(model, tokenizer, run.checkpoint_dir / "final", "policy", steps, run.run_id,
+                                    trainer=saver)
     # the best checkpoint by rollout reward stays when it is not the final policy
     best = best_unless_final(run.checkpoint_dir / "trainer", steps)
     kept = finish_checkpoints(run, best, metric_of(best) if best else None)

@@ -21,24 +21,31 @@ def build(cfg: RunConfig, run: Run):
     from trl import RewardTrainer
 
     from rlhf_exp.launch.trl_args import reward_config
-    from rlhf_exp.models import load_reward_model, lora_config
-    from rlhf_exp.runners.common import Built, callbacks, phase_data, start
+    from rlhf_exp.models import load_reward_model, lora_config, prepare_for_adapters, upcast_trained
+    from rlhf_exp.runners.common import Built, after_loading, before_loading, callbacks, phase_data, start
 
+    hw = cfg.hardware
     sft, tokenizer = start(cfg, run)
     data = phase_data(cfg, tokenizer, preferences=True, run=run)
-    model = load_reward_model(cfg.model, cfg.hardware, tokenizer, sft["checkpoint"])
+    # the config before the model: under ZeRO-3 it then loads partitioned (see trl_args)
+    args = reward_config(cfg, run.dir, has_eval=data.eval is not None)
+    before_loading(cfg, run, args)
+    model = load_reward_model(cfg.model, hw, tokenizer, sft["checkpoint"], trained=not hw.lora)
+    after_loading(cfg, run, model, "reward_model")
     if cfg.phase.freeze_embeddings:
         model.get_input_embeddings().requires_grad_(False)
     log, cbs = callbacks(cfg, run, data)
     trainer = RewardTrainer(
-        model=model,
-        args=reward_config(cfg, run.dir, has_eval=data.eval is not None),
+        model=prepare_for_adapters(model, hw) if hw.lora else model,
+        args=args,
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=tokenizer,
-        peft_config=lora_config(cfg.model, cfg.hardware, task_type="SEQ_CLS"),
+        # the score head is new: trained whole beside the body's adapters
+        peft_config=lora_config(cfg.model, hw, task_type="SEQ_CLS"),
         callbacks=cbs,
     )
+    upcast_trained(trainer.model)
     return Built(trainer, log, tokenizer, data, {"sft_run": sft["run_id"]})
 
 

@@ -11,25 +11,40 @@ def build(cfg: RunConfig, run: Run):
     from trl import SFTTrainer
 
     from rlhf_exp.launch.trl_args import sft_config
-    from rlhf_exp.models import load_causal_lm, lora_config
-    from rlhf_exp.runners.common import Built, callbacks, phase_data, record_initial_gold, start
+    from rlhf_exp.models import load_causal_lm, lora_config, prepare_for_adapters, upcast_trained
+    from rlhf_exp.runners.common import (
+        Built,
+        after_loading,
+        before_loading,
+        callbacks,
+        phase_data,
+        record_initial_gold,
+        start,
+    )
 
+    hw = cfg.hardware
     _, tokenizer = start(cfg, run)
     data = phase_data(cfg, tokenizer, preferences=False, run=run)
-    model = load_causal_lm(cfg.model, cfg.hardware, tokenizer)
+    # the config before the model: under ZeRO-3 it then loads partitioned (see trl_args)
+    args = sft_config(cfg, run.dir, has_eval=data.eval is not None)
+    before_loading(cfg, run, args)
+    # under LoRA the base is frozen: half precision, or 4/8-bit with hardware.load_in_4bit/8bit (QLoRA)
+    model = load_causal_lm(cfg.model, hw, tokenizer, trained=not hw.lora)
+    after_loading(cfg, run, model, "policy")
     metrics: dict = {}
     record_initial_gold(cfg, model, tokenizer, data, run, metrics)
 
     log, cbs = callbacks(cfg, run, data)
     trainer = SFTTrainer(
-        model=model,
-        args=sft_config(cfg, run.dir, has_eval=data.eval is not None),
+        model=prepare_for_adapters(model, hw) if hw.lora else model,
+        args=args,
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=tokenizer,
-        peft_config=lora_config(cfg.model, cfg.hardware),
+        peft_config=lora_config(cfg.model, hw),
         callbacks=cbs,
     )
+    upcast_trained(trainer.model)
     return Built(trainer, log, tokenizer, data, metrics)
 
 

@@ -170,3 +170,35 @@ def job_log(folder: Path, manifest: dict) -> str:
     task = f"{slurm.get('array_job_id')}_{slurm.get('array_task_id')}"
     logs = sorted(folder.parent.glob(f".submitit/{task}/*_log.err"))
     return "".join(log.read_text(errors="replace") for log in logs)[-4000:] or f"no submitit log for {task}"
+
+
+def test_a_job_gets_the_cpus_and_memory_of_its_hardware_preset(tmp_path):
+    """hardware.cpus_per_task / hardware.mem_gb (set by the GPU presets; given here on the CPU preset)
+    reach sbatch, SLURM allocates them, and the job's threads follow (docs/slurm-sizing.md)."""
+    proc = run_cli(["launcher=slurm", "hardware.cpus_per_task=2", "hardware.mem_gb=1", "phase.max_steps=1",
+                    f"output_root={tmp_path}"], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep, (job,) = sweep_jobs(tmp_path, "sft")
+    (submitted,) = sweep.glob(".submitit/*/*_submission.sh")
+    assert {"#SBATCH --cpus-per-task=2", "#SBATCH --mem=1GB"} <= set(submitted.read_text().splitlines())
+    manifest = read_json(job / "manifest.json")
+    accounted = subprocess.run(["sacct", "-j", manifest["slurm"]["job_id"], "-X", "-n", "-P", "-o", "AllocCPUS,ReqMem"],
+                               capture_output=True, text=True, check=True, timeout=30)
+    assert accounted.stdout.split() == ["2|1G"], accounted.stdout
+    if "OMP_NUM_THREADS" not in os.environ:  # (an exported one is the user's choice, and wins)
+        assert manifest["cpu_threads"] == 2
+
+
+def test_a_sweep_over_hardware_is_refused_before_anything_is_submitted(tmp_path):
+    """hydra-submitit-launcher would size every job like the command without its swept values (one task
+    here, also for cpu_x2): the sweep is refused with the fix, and nothing reaches SLURM or the disk."""
+    def jobs() -> set[str]:
+        listed = subprocess.run(["sacct", "-a", "-X", "-n", "-P", "-o", "JobIDRaw", "-S", "now-1days"],
+                                capture_output=True, text=True, check=True, timeout=30)
+        return set(listed.stdout.split())
+
+    before = jobs()
+    proc = run_cli(["-m", "launcher=slurm", "hardware=cpu,cpu_x2", "phase.max_steps=1", f"output_root={tmp_path}"])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "but hardware=cpu_x2 needs tasks_per_node=2. Run one sweep per set of resources" in proc.stderr
+    assert not any(tmp_path.iterdir()) and jobs() == before
