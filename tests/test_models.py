@@ -53,16 +53,18 @@ def test_hub_path_loads_a_local_folder_with_the_presets_settings(compose, tmp_pa
     assert "<|im_start|>" in tokenizer.chat_template
     model = load_causal_lm(hub.model, hub.hardware, tokenizer)
     assert model.dtype == torch.bfloat16  # the preset's dtype was applied
-    assert load_kwargs(hub.model, hub.hardware).get("attn_implementation") is None  # sdpa only asked on CUDA
+    assert load_kwargs(hub.model, hub.hardware).get("attn_implementation") == "sdpa"  # CPU: sdpa, named explicitly
 
 
-@pytest.mark.parametrize("precision,expected", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
-def test_auto_dtype_follows_hardware_precision(compose, precision, expected):
+@pytest.mark.parametrize("precision,trained,expected", [("bf16", False, torch.bfloat16), ("fp32", False, torch.float32),
+                                                        ("bf16", True, torch.float32), ("fp32", True, torch.float32)])
+def test_auto_dtype_follows_hardware_precision(compose, precision, trained, expected):
+    """Frozen weights in the run's precision; weights trained in full keep an fp32 master copy under bf16."""
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.to_object(compose(["model=qwen2_5_7b", "model.dtype=auto", "data=ultrafeedback_binarized",
                                        f"hardware.precision={precision}"]))
-    assert load_kwargs(cfg.model, cfg.hardware)["dtype"] == expected
+    assert load_kwargs(cfg.model, cfg.hardware, trained=trained)["dtype"] == expected
 
 
 def test_a_save_that_fills_the_disk_leaves_no_half_checkpoint(compose, tmp_path, monkeypatch):

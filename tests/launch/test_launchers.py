@@ -285,7 +285,7 @@ def test_fsdp_and_ddp_mappings(compose, tmp_path):
     from rlhf_exp.launch.trl_args import training_kwargs
 
     fsdp = training_kwargs(OmegaConf.to_object(compose(["hardware=a100x4", "hardware.distributed=fsdp"])), tmp_path, True)
-    assert fsdp["fsdp"] == "full_shard auto_wrap" and "deepspeed" not in fsdp
+    assert fsdp["fsdp"] is True and fsdp["fsdp_config"]["version"] == 2 and "deepspeed" not in fsdp  # FSDP2
     ddp = training_kwargs(OmegaConf.to_object(compose(["hardware=cpu_x2"])), tmp_path, True)
     assert "deepspeed" not in ddp and "fsdp" not in ddp and ddp["ddp_find_unused_parameters"] is False
 
