@@ -271,7 +271,8 @@ class FSDP(Backend):
 
         if frozen:
             model.requires_grad_(False).eval()
-        model.to(self.device)
+        # no model.to(device) first: fully_shard moves each layer's weights to the device as it shards them, so a GPU
+        # never holds more than one whole layer at a time
         # the transformers model is the root, also inside a peft wrapper: generate() and forward both enter it,
         # so its hooks gather what the layers leave (embeddings, final norm, head)
         root = _inner(model)
