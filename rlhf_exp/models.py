@@ -457,6 +457,20 @@ def merged_lora_state(state: dict, config) -> dict:
     return merged
 
 
+def save_gathered(model, state_dict: dict, path) -> None:
+    """Rank 0: a model's whole state dict (gathered from the shards of a ZeRO-3/FSDP run) into ``path`` as
+    save_pretrained writes it; a peft model's adapters merged into their weights first (:func:`merged_lora_state`)
+    and a head tied to the embeddings saved once, as a whole model's save_pretrained does."""
+    state_dict = {k: v.detach().cpu() for k, v in state_dict.items()}
+    if hasattr(model, "peft_config"):
+        state_dict = merged_lora_state(state_dict, model.peft_config["default"])
+        model = model.get_base_model()
+    if getattr(model.config, "tie_word_embeddings", False):
+        state_dict.pop("lm_head.weight", None)
+    Path(path).mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, state_dict=state_dict)
+
+
 def save_for_next_phase(model, tokenizer, path: Path, kind: str, step: int, run_id: str, trainer=None) -> Path:
     """Save full weights + tokenizer where the next phase loads them; LoRA adapters are merged in.
 
@@ -481,9 +495,7 @@ def save_for_next_phase(model, tokenizer, path: Path, kind: str, step: int, run_
             state = trainer.accelerator.get_state_dict(engine)
             if is_main_process():
                 shutil.rmtree(partial, ignore_errors=True)
-                partial.mkdir(parents=True)
-                base = trainer.model.get_base_model()
-                base.save_pretrained(partial, state_dict=merged_lora_state(state, trainer.model.peft_config["default"]))
+                save_gathered(trainer.model, state, partial)
         elif trainer is not None:
             trainer.save_model(str(partial))  # a collective: every rank
         if not is_main_process():  # rank 0 holds the same weights and writes them

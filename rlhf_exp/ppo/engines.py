@@ -27,12 +27,12 @@ a run used are written into its folder (``launch/deepspeed.json`` / ``launch/fsd
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 
 import torch
 
 from rlhf_exp.launch import sharding
+from rlhf_exp.models import save_gathered
 
 
 def backend_for(hardware) -> type[Backend]:
@@ -261,8 +261,7 @@ class FSDP(Backend):
         settings = {"fsdp_version": 2, "reshard_after_forward": True, "auto_wrap": "each decoder layer, then the model",
                     "mixed_precision": {"param_dtype": str(half or "fp32"), "reduce_dtype": "float32"},
                     "offload_params": bool(self.hw.offload_params), "offload_frozen": bool(self.hw.offload_frozen)}
-        if self.rank == 0:
-            sharding.record(run_dir, "fsdp.json", settings)
+        sharding.record(run_dir, "fsdp.json", settings)  # (rank 0 writes)
 
     def _shard(self, model, mixed, offload, frozen: bool = False):
         if model is None:
@@ -275,7 +274,7 @@ class FSDP(Backend):
         # never holds more than one whole layer at a time
         # the transformers model is the root, also inside a peft wrapper: generate() and forward both enter it,
         # so its hooks gather what the layers leave (embeddings, final norm, head)
-        root = _inner(model)
+        root = model.get_base_model() if hasattr(model, "get_base_model") else model
         names = set(getattr(root, "_no_split_modules", None) or ())
         for module in root.modules():
             if type(module).__name__ in names:  # each decoder layer is one unit of gathering
@@ -343,7 +342,7 @@ class FSDP(Backend):
 
         full = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.rank == 0:
-            _save_whole(self.policy, full, path)
+            save_gathered(self.policy, full, path)
 
 
 class DeepSpeed(Backend):
@@ -377,8 +376,7 @@ class DeepSpeed(Backend):
         self.policy, self.critic = engines
         frozen_config = self.frozen_config(self.phase, self.hw, self.world)
         self.reference, self.reward_model = (self._frozen(m, frozen_config) for m in (reference, reward_model))
-        if self.rank == 0:
-            sharding.record(run_dir, "deepspeed.json", {"trained": train, "frozen": frozen_config})
+        sharding.record(run_dir, "deepspeed.json", {"trained": train, "frozen": frozen_config})  # (rank 0 writes)
 
     @staticmethod
     def train_config(phase, hw, world: int) -> dict:
@@ -459,25 +457,4 @@ class DeepSpeed(Backend):
         else:
             full = self.policy.module.state_dict() if self.rank == 0 else None
         if self.rank == 0:
-            _save_whole(self.policy.module, full, path)
-
-
-def _inner(model):
-    """The transformers model inside a peft wrapper (its _no_split_modules names the decoder layer)."""
-    base = getattr(model, "base_model", None)
-    return getattr(base, "model", model) if base is not None else model
-
-
-def _save_whole(model, state_dict: dict, path: str) -> None:
-    """Rank 0: whole weights (gathered from the shards) into ``path`` as save_pretrained writes them; a LoRA
-    policy's adapters merged into its weights first, as ``merge_and_unload`` does for a whole model."""
-    os.makedirs(path, exist_ok=True)
-    state_dict = {k: v.detach().cpu() for k, v in state_dict.items()}
-    if hasattr(model, "peft_config"):
-        from rlhf_exp.models import merged_lora_state
-
-        state_dict = merged_lora_state(state_dict, model.peft_config["default"])
-        model = _inner(model)
-    if getattr(model.config, "tie_word_embeddings", False):  # the head is the embedding: saved once, as a whole save does
-        state_dict.pop("lm_head.weight", None)
-    model.save_pretrained(path, state_dict=state_dict)
+            save_gathered(self.policy.module, full, path)

@@ -86,12 +86,12 @@ def before_loading(cfg: RunConfig, run: Run, args) -> None:
                                       "accelerate_plugin": args.fsdp_plugin_args})
 
 
-def after_loading(cfg: RunConfig, run: Run, model, what: str) -> None:
-    """How the model was loaded (partitioned or whole, dtypes, quantized layers): launch/loading.json."""
+def after_loading(run: Run, **models) -> None:
+    """How each model was loaded (partitioned or whole, dtypes, quantized layers), by role: launch/loading.json."""
     from rlhf_exp.launch.sharding import record
     from rlhf_exp.models import loading_record
 
-    record(run.dir, "loading.json", {what: loading_record(model)})
+    record(run.dir, "loading.json", {role: loading_record(model) for role, model in models.items() if model is not None})
 
 
 def phase_data(cfg: RunConfig, tokenizer, preferences: bool, run: Run | None = None) -> PhaseData:

@@ -33,7 +33,7 @@ def build(cfg: RunConfig, run: Run):
     args = dpo_config(cfg, run.dir, has_eval=data.eval is not None)
     before_loading(cfg, run, args)
     model = load_causal_lm(cfg.model, hw, tokenizer, checkpoint=sft["checkpoint"], trained=not hw.lora)
-    after_loading(cfg, run, model, "policy")
+    after_loading(run, policy=model)
     metrics: dict = {"sft_run": sft["run_id"]}
     record_initial_gold(cfg, model, tokenizer, data, run, metrics)
 

@@ -40,7 +40,14 @@ def run(cfg: RunConfig, run: Run) -> dict:
     from rlhf_exp.models import load_causal_lm, load_reward_model, load_value_model, save_for_next_phase, wrap_lora
     from rlhf_exp.ppo.engines import loading_context
     from rlhf_exp.ppo.trainer import PPOTrainer, load_reward_stats
-    from rlhf_exp.runners.common import announce_resume, finish_checkpoints, gold, record_initial_gold, start
+    from rlhf_exp.runners.common import (
+        after_loading,
+        announce_resume,
+        finish_checkpoints,
+        gold,
+        record_initial_gold,
+        start,
+    )
     from rlhf_exp.tracking.checkpoints import best_unless_final, latest_complete, metric_of
 
     # first: the process group (and, on GPUs, this process's device) for everything below
@@ -61,18 +68,12 @@ def run(cfg: RunConfig, run: Run) -> dict:
     critic = load_value_model(cfg.model, hw, rm["checkpoint"], trained=not cfg.phase.critic_lora)
     if cfg.phase.critic_lora:  # adapters on the critic's body; its value head trained whole
         critic = wrap_lora(critic, cfg.model, hw, task_type="TOKEN_CLS", force=True)
-    if run.main:  # how each model was loaded (partitioned, dtypes, quantized layers): launch/loading.json
-        from rlhf_exp.launch.sharding import record
-        from rlhf_exp.models import loading_record
-
-        record(run.dir, "loading.json", {name: loading_record(model) for name, model in (
-            ("policy", policy), ("reference", reference), ("reward_model", reward_model), ("critic", critic))
-            if model is not None})
+    after_loading(run, policy=policy, reference=reference, reward_model=reward_model, critic=critic)
     metrics: dict = {"sft_run": sft["run_id"], "reward_run": rm["run_id"]}
     trainer = PPOTrainer(cfg, policy, critic, reward_model, tokenizer, prompts, load_reward_stats(rm["path"]),
                          accelerator, reference=reference, gold_fn=gold_reward if data.eval_prompts else None,
                          policy_lr=learning_rate(cfg.phase, hw), prompt_ids=prompt_ids,
-                         run_dir=run.dir if run.main else None)
+                         run_dir=run.dir)
     del partitioned
     record_initial_gold(cfg, trainer.engines.bare_policy(), tokenizer, data, run, metrics)
     from rlhf_exp.data.report import preview_prompts

@@ -31,7 +31,7 @@ def build(cfg: RunConfig, run: Run):
     args = reward_config(cfg, run.dir, has_eval=data.eval is not None)
     before_loading(cfg, run, args)
     model = load_reward_model(cfg.model, hw, tokenizer, sft["checkpoint"], trained=not hw.lora)
-    after_loading(cfg, run, model, "reward_model")
+    after_loading(run, reward_model=model)
     if cfg.phase.freeze_embeddings:
         model.get_input_embeddings().requires_grad_(False)
     log, cbs = callbacks(cfg, run, data)

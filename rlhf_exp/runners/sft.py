@@ -30,7 +30,7 @@ def build(cfg: RunConfig, run: Run):
     before_loading(cfg, run, args)
     # under LoRA the base is frozen: half precision, or 4/8-bit with hardware.load_in_4bit/8bit (QLoRA)
     model = load_causal_lm(cfg.model, hw, tokenizer, trained=not hw.lora)
-    after_loading(cfg, run, model, "policy")
+    after_loading(run, policy=model)
     metrics: dict = {}
     record_initial_gold(cfg, model, tokenizer, data, run, metrics)
 
