@@ -6,6 +6,8 @@ settings are applied the same way for every phase.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -216,10 +218,81 @@ def load_kwargs(model_cfg: ModelConfig, hardware: HardwareConfig, trained: bool 
     return kwargs
 
 
+# set by broadcast_loading() while the models FSDP will shard are loaded
+_BROADCAST_LOADING: list[bool] = []
+
+
+@contextlib.contextmanager
+def broadcast_loading(hardware: HardwareConfig):
+    """While models that FSDP shards are loaded: under ``hardware.distributed=fsdp`` on several processes only
+    rank 0 reads the checkpoint; every other process builds the model's skeleton (parameters on the meta device,
+    no memory; buffers such as rotary frequencies computed for real) and receives rank 0's weights, one tensor
+    at a time, when FSDP shards the model: accelerate's ``cpu_ram_efficient_loading`` in the TRL phases,
+    :func:`load_from_rank0` in PPO's FSDP backend. So a node holds one copy of the checkpoint in CPU RAM, not one
+    per process. Models loaded outside the block (a frozen reference TRL shards without broadcasting) load
+    whole everywhere."""
+    active = broadcasts(hardware)
+    _BROADCAST_LOADING.append(active)
+    try:
+        yield active
+    finally:
+        _BROADCAST_LOADING.pop()
+
+
+def broadcasts(hardware: HardwareConfig) -> bool:
+    """Whether :func:`broadcast_loading` applies: FSDP over several processes, weights not quantized."""
+    return str(hardware.distributed) == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not quantized(hardware)
+
+
+def skeleton_only() -> bool:
+    """Inside :func:`broadcast_loading` on a process other than rank 0: load nothing, build the skeleton."""
+    return bool(_BROADCAST_LOADING and _BROADCAST_LOADING[-1]) and int(os.environ.get("RANK", "0")) != 0
+
+
+def skeleton(cls, source: str, **kwargs):
+    """The model ``cls.from_pretrained(source, **kwargs)`` would build, with every parameter on the meta device
+    (nothing read, nothing allocated) and real buffers; its generation settings as saved with the checkpoint."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, GenerationConfig
+
+    hub = {k: kwargs.pop(k) for k in ("revision", "trust_remote_code") if k in kwargs}
+    labels = {k: kwargs.pop(k) for k in ("num_labels",) if k in kwargs}
+    config = AutoConfig.from_pretrained(source, **hub, **labels)
+    with init_empty_weights(include_buffers=False):
+        model = cls.from_config(config, dtype=kwargs.get("dtype"), attn_implementation=kwargs.get("attn_implementation"),
+                                trust_remote_code=hub.get("trust_remote_code", False))
+    model.tie_weights()  # as from_pretrained does (tie_word_embeddings): one parameter, as on rank 0
+    if model.can_generate():
+        with contextlib.suppress(OSError):
+            model.generation_config = GenerationConfig.from_pretrained(source, revision=hub.get("revision"))
+    return model
+
+
+def load_from_rank0(model, full_state: dict | None, device: torch.device) -> None:
+    """Fill a model FSDP has just sharded with rank 0's whole weights (``full_state``; None on the other ranks).
+    The skeletons of :func:`broadcast_loading` first get storage for their shards on ``device`` (where FSDP keeps
+    them: this process's GPU, or CPU RAM under offloading); then every tensor is broadcast from rank 0 and each
+    process keeps its shard. Buffers (never sharded, already real in a skeleton) are kept; tied weights stay
+    tied (the storage is made in place)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if any(p.device.type == "meta" for p in model.parameters()):
+        buffers = {name: b for name, b in model.named_buffers() if b.device.type != "meta"}
+        model.to_empty(device=device)
+        for name, value in buffers.items():
+            owner, _, leaf = name.rpartition(".")
+            model.get_submodule(owner)._buffers[leaf] = value.to(device)
+    set_model_state_dict(model, full_state or {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
 def from_pretrained(cls, source: str, what: str, **kwargs):
     """``cls.from_pretrained`` with transformers' load report (a table of UNEXPECTED/MISSING keys, e.g.
     when a scalar head is put on a language model) replaced by one line of ours saying what was new
-    and what was left unused; a load without surprises says nothing."""
+    and what was left unused; a load without surprises says nothing. Inside :func:`broadcast_loading`, the
+    processes other than rank 0 build the skeleton only."""
+    if skeleton_only():
+        return skeleton(cls, source, **kwargs)
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
@@ -386,7 +459,8 @@ def upcast_trained(model) -> None:
 def loading_record(model) -> dict[str, Any]:
     """How a model was loaded, for the run folder (launch/loading.json): whether ZeRO-3's partitioned loading was
     on (``zero3_init``: from_pretrained under deepspeed.zero.Init; the embedded model is built whole), parameters
-    held by this process vs in the model, dtypes, quantized layers, attention kernel."""
+    held by this process vs in the model (0 for a skeleton waiting for rank 0's weights: :func:`broadcast_loading`),
+    dtypes, quantized layers, attention kernel."""
     from collections import Counter
 
     from transformers.integrations import is_deepspeed_zero3_enabled
@@ -395,7 +469,10 @@ def loading_record(model) -> dict[str, Any]:
     dtypes: Counter = Counter()
     for param in model.parameters():
         full = getattr(param, "ds_numel", param.numel())  # a ZeRO-3 partitioned parameter: ds_numel in all
-        local += param.ds_tensor.numel() if hasattr(param, "ds_tensor") else param.numel()
+        if hasattr(param, "ds_tensor"):
+            local += param.ds_tensor.numel()
+        elif param.device.type != "meta":  # a skeleton's parameters hold nothing (broadcast_loading)
+            local += param.numel()
         total += full
         dtypes[str(param.dtype).removeprefix("torch.")] += full
     layers = Counter(type(m).__name__ for m in model.modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt"))

@@ -220,6 +220,14 @@ def _hardware_errors(cfg: DictConfig) -> list[str]:
                       f"model's whole weights could not be gathered and merged for the next phase); QLoRA fits one "
                       f"GPU per process: use hardware.distributed=ddp (each process holds the whole 4-bit base) "
                       f"or none")
+    phase_name = OmegaConf.select(cfg, "phase.name")
+    if kind == "fsdp" and hw.accelerator == "cpu" and phase_name != "ppo":
+        # accelerate 1.15 turns its FSDP plugin on for GPU process groups only; with CPU processes the TRL trainer
+        # then wraps the model in DDP without a word (measured: no FSDP plugin in the accelerator's state)
+        errors.append(f"hardware.distributed=fsdp with hardware.accelerator=cpu for phase={phase_name}: accelerate "
+                      f"shards with FSDP on GPUs only, and on CPU processes the trainer would run plain DDP with a "
+                      f"whole model per process; use hardware.distributed=deepspeed_zero3 (shards on CPU processes "
+                      f"too) or ddp (phase=ppo's own FSDP does run on CPU processes)")
     if quant and not _installed("bitsandbytes"):
         errors.append(f"{quant[0]} needs bitsandbytes: pip install -e '.[quant]'")
     # an 8-bit optimizer under DeepSpeed is allowed: the trainer hands it to DeepSpeed as the client optimizer

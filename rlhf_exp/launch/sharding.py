@@ -70,9 +70,9 @@ def trainer_fsdp(hw) -> dict[str, Any] | None:
     """The FSDP settings of a TRL phase (TrainingArguments' ``fsdp`` and ``fsdp_config``; None without FSDP).
     FSDP2 (``fully_shard``): parameters, gradients and optimizer states sharded, each transformer block
     (the model's _no_split_modules) its own unit, parameters resharded after the forward.
-    cpu_ram_efficient_loading: when FSDP wraps the model, rank 0's weights are kept and broadcast, the other
-    processes' copies go to the meta device first (transformers 5.24's from_pretrained still reads the whole
-    checkpoint in every process: a CPU RAM peak of one model per process, before sharding).
+    cpu_ram_efficient_loading: when FSDP wraps the model, rank 0's weights are broadcast into the other processes'
+    shards; those processes never read the checkpoint (``models.broadcast_loading`` builds them a skeleton on the
+    meta device: transformers 5.24's from_pretrained would read the whole checkpoint in every process).
     hardware.offload_params: parameters, gradients and optimizer states in CPU RAM (CPUOffloadPolicy).
     hardware.gradient_checkpointing: FSDP's own activation checkpointing (the trainer's would all-gather once
     more in the backward). A full state dict at save time: the next phase loads it directly."""

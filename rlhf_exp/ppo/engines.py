@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from rlhf_exp.launch import sharding
-from rlhf_exp.models import save_gathered
+from rlhf_exp.models import broadcast_loading, broadcasts, load_from_rank0, save_gathered
 
 
 def backend_for(hardware) -> type[Backend]:
@@ -51,18 +51,23 @@ def micro_batches(phase, world: int) -> tuple[int, int]:
     return micro, share // micro
 
 
+@contextlib.contextmanager
 def loading_context(cfg):
-    """Kept alive while PPO's models load: under ZeRO-3, transformers' HfDeepSpeedConfig makes
-    ``from_pretrained`` build each model partitioned over the processes (zero.Init), so no process ever
-    holds whole weights; ``None`` otherwise."""
-    if sharding.zero_stage(cfg.hardware) != 3:
-        return None
-    import deepspeed
-    from transformers.integrations import HfDeepSpeedConfig
+    """Around the loading of PPO's models. Under ZeRO-3, transformers' HfDeepSpeedConfig (alive for the block)
+    makes ``from_pretrained`` build each model partitioned over the processes (zero.Init), so no process ever
+    holds whole weights. Under FSDP only rank 0 reads the checkpoints; the other processes build skeletons and
+    receive rank 0's weights when :class:`FSDP` shards them (``models.broadcast_loading``)."""
+    if sharding.zero_stage(cfg.hardware) == 3:
+        import deepspeed
+        from transformers.integrations import HfDeepSpeedConfig
 
-    deepspeed.init_distributed(dist_backend="gloo" if cfg.hardware.accelerator == "cpu" else "nccl")
-
-    return HfDeepSpeedConfig(DeepSpeed.train_config(cfg.phase, cfg.hardware, _world(cfg.hardware)))
+        deepspeed.init_distributed(dist_backend="gloo" if cfg.hardware.accelerator == "cpu" else "nccl")
+        partitioned = HfDeepSpeedConfig(DeepSpeed.train_config(cfg.phase, cfg.hardware, _world(cfg.hardware)))
+        yield
+        del partitioned
+        return
+    with broadcast_loading(cfg.hardware):
+        yield
 
 
 def _world(hw) -> int:
@@ -270,6 +275,9 @@ class FSDP(Backend):
 
         if frozen:
             model.requires_grad_(False).eval()
+        # loaded by rank 0 alone (models.broadcast_loading): its whole weights, kept to broadcast after sharding
+        broadcast = broadcasts(self.hw)
+        whole = model.state_dict() if broadcast and self.rank == 0 else None
         # no model.to(device) first: fully_shard moves each layer's weights to the device as it shards them, so a GPU
         # never holds more than one whole layer at a time
         # the transformers model is the root, also inside a peft wrapper: generate() and forward both enter it,
@@ -280,6 +288,10 @@ class FSDP(Backend):
             if type(module).__name__ in names:  # each decoder layer is one unit of gathering
                 fully_shard(module, mp_policy=mixed, offload_policy=offload)
         fully_shard(root, mp_policy=mixed, offload_policy=offload)
+        if broadcast:
+            from torch.distributed.fsdp import CPUOffloadPolicy
+
+            load_from_rank0(model, whole, torch.device("cpu") if isinstance(offload, CPUOffloadPolicy) else self.device)
         return model
 
     def accumulating(self, last: bool):

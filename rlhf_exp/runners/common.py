@@ -66,9 +66,10 @@ def before_loading(cfg: RunConfig, run: Run, args) -> None:
     """Between building a phase's TRL config (``args``) and loading its model. Records the DeepSpeed / FSDP
     settings the trainer uses in the run folder (launch/deepspeed.json, with transformers' "auto" values filled;
     launch/fsdp.json). Under ZeRO-3, ``args`` (alive until the model is loaded) makes from_pretrained load each
-    weight into its partition (deepspeed.zero.Init). Under FSDP, transformers 5.24 still reads the whole checkpoint
-    in every process (CPU RAM); accelerate then keeps rank 0's weights (cpu_ram_efficient_loading), moves the
-    others' to the meta device, shards, and broadcasts: each process ends up holding its shard."""
+    weight into its partition (deepspeed.zero.Init). Under FSDP the trained model loads inside
+    ``models.broadcast_loading``: rank 0 reads the checkpoint, the others build a skeleton on the meta device, and
+    accelerate (cpu_ram_efficient_loading) shards it and broadcasts rank 0's weights: each process ends up holding
+    its shard, and the node read the checkpoint into CPU RAM once."""
     from rlhf_exp.launch.sharding import record
 
     if getattr(args, "hf_deepspeed_config", None) is not None:
@@ -91,7 +92,16 @@ def after_loading(run: Run, **models) -> None:
     from rlhf_exp.launch.sharding import record
     from rlhf_exp.models import loading_record
 
-    record(run.dir, "loading.json", {role: loading_record(model) for role, model in models.items() if model is not None})
+    records = {role: loading_record(model) for role, model in models.items() if model is not None}
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # what every process held right after loading (partitioned, whole, or a skeleton waiting for rank 0's)
+        held = [None] * dist.get_world_size()
+        dist.all_gather_object(held, {role: r["params_this_process"] for role, r in records.items()})
+        for role, record_ in records.items():
+            record_["params_per_process"] = [h[role] for h in held]
+    record(run.dir, "loading.json", records)
 
 
 def phase_data(cfg: RunConfig, tokenizer, preferences: bool, run: Run | None = None) -> PhaseData:

@@ -15,7 +15,7 @@ def build(cfg: RunConfig, run: Run):
     from trl import DPOTrainer
 
     from rlhf_exp.launch.trl_args import dpo_config
-    from rlhf_exp.models import load_causal_lm, lora_config, prepare_for_adapters, upcast_trained
+    from rlhf_exp.models import broadcast_loading, load_causal_lm, lora_config, prepare_for_adapters, upcast_trained
     from rlhf_exp.runners.common import (
         Built,
         after_loading,
@@ -32,7 +32,9 @@ def build(cfg: RunConfig, run: Run):
     # the config before the model: under ZeRO-3 it then loads partitioned (see trl_args)
     args = dpo_config(cfg, run.dir, has_eval=data.eval is not None)
     before_loading(cfg, run, args)
-    model = load_causal_lm(cfg.model, hw, tokenizer, checkpoint=sft["checkpoint"], trained=not hw.lora)
+    with broadcast_loading(hw):  # under FSDP only rank 0 reads the checkpoint (the reference, below, TRL shards
+        # without broadcasting: it loads whole everywhere)
+        model = load_causal_lm(cfg.model, hw, tokenizer, checkpoint=sft["checkpoint"], trained=not hw.lora)
     after_loading(run, policy=model)
     metrics: dict = {"sft_run": sft["run_id"]}
     record_initial_gold(cfg, model, tokenizer, data, run, metrics)

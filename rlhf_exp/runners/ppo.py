@@ -57,24 +57,23 @@ def run(cfg: RunConfig, run: Run) -> dict:
     rm = run.parent("rm")
     prompts, prompt_ids, data = _prompts(cfg, tokenizer, run)
     hw, lora = cfg.hardware, cfg.hardware.lora
-    # under ZeRO-3 every model loads partitioned (no process holds whole weights); kept alive while they load
-    partitioned = loading_context(cfg)
-    policy = load_causal_lm(cfg.model, hw, tokenizer, checkpoint=sft["checkpoint"], trained=not lora)
-    if lora:
-        policy, reference = wrap_lora(policy, cfg.model, hw), None  # reference = adapters disabled
-    else:
-        reference = load_causal_lm(cfg.model, hw, tokenizer, checkpoint=sft["checkpoint"], trained=False)
-    reward_model = load_reward_model(cfg.model, hw, tokenizer, rm["checkpoint"], trained=False)
-    critic = load_value_model(cfg.model, hw, rm["checkpoint"], trained=not cfg.phase.critic_lora)
-    if cfg.phase.critic_lora:  # adapters on the critic's body; its value head trained whole
-        critic = wrap_lora(critic, cfg.model, hw, task_type="TOKEN_CLS", force=True)
-    after_loading(run, policy=policy, reference=reference, reward_model=reward_model, critic=critic)
+    # ZeRO-3: every model loads partitioned; FSDP: rank 0 reads the checkpoints, the backend broadcasts its weights
+    with loading_context(cfg):
+        policy = load_causal_lm(cfg.model, hw, tokenizer, checkpoint=sft["checkpoint"], trained=not lora)
+        if lora:
+            policy, reference = wrap_lora(policy, cfg.model, hw), None  # reference = adapters disabled
+        else:
+            reference = load_causal_lm(cfg.model, hw, tokenizer, checkpoint=sft["checkpoint"], trained=False)
+        reward_model = load_reward_model(cfg.model, hw, tokenizer, rm["checkpoint"], trained=False)
+        critic = load_value_model(cfg.model, hw, rm["checkpoint"], trained=not cfg.phase.critic_lora)
+        if cfg.phase.critic_lora:  # adapters on the critic's body; its value head trained whole
+            critic = wrap_lora(critic, cfg.model, hw, task_type="TOKEN_CLS", force=True)
+        after_loading(run, policy=policy, reference=reference, reward_model=reward_model, critic=critic)
+        trainer = PPOTrainer(cfg, policy, critic, reward_model, tokenizer, prompts, load_reward_stats(rm["path"]),
+                             accelerator, reference=reference, gold_fn=gold_reward if data.eval_prompts else None,
+                             policy_lr=learning_rate(cfg.phase, hw), prompt_ids=prompt_ids,
+                             run_dir=run.dir)
     metrics: dict = {"sft_run": sft["run_id"], "reward_run": rm["run_id"]}
-    trainer = PPOTrainer(cfg, policy, critic, reward_model, tokenizer, prompts, load_reward_stats(rm["path"]),
-                         accelerator, reference=reference, gold_fn=gold_reward if data.eval_prompts else None,
-                         policy_lr=learning_rate(cfg.phase, hw), prompt_ids=prompt_ids,
-                         run_dir=run.dir)
-    del partitioned
     record_initial_gold(cfg, trainer.engines.bare_policy(), tokenizer, data, run, metrics)
     from rlhf_exp.data.report import preview_prompts
 

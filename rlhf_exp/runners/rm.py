@@ -21,7 +21,7 @@ def build(cfg: RunConfig, run: Run):
     from trl import RewardTrainer
 
     from rlhf_exp.launch.trl_args import reward_config
-    from rlhf_exp.models import load_reward_model, lora_config, prepare_for_adapters, upcast_trained
+    from rlhf_exp.models import broadcast_loading, load_reward_model, lora_config, prepare_for_adapters, upcast_trained
     from rlhf_exp.runners.common import Built, after_loading, before_loading, callbacks, phase_data, start
 
     hw = cfg.hardware
@@ -30,7 +30,8 @@ def build(cfg: RunConfig, run: Run):
     # the config before the model: under ZeRO-3 it then loads partitioned (see trl_args)
     args = reward_config(cfg, run.dir, has_eval=data.eval is not None)
     before_loading(cfg, run, args)
-    model = load_reward_model(cfg.model, hw, tokenizer, sft["checkpoint"], trained=not hw.lora)
+    with broadcast_loading(hw):  # under FSDP only rank 0 reads the checkpoint
+        model = load_reward_model(cfg.model, hw, tokenizer, sft["checkpoint"], trained=not hw.lora)
     after_loading(run, reward_model=model)
     if cfg.phase.freeze_embeddings:
         model.get_input_embeddings().requires_grad_(False)

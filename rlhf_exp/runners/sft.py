@@ -11,7 +11,7 @@ def build(cfg: RunConfig, run: Run):
     from trl import SFTTrainer
 
     from rlhf_exp.launch.trl_args import sft_config
-    from rlhf_exp.models import load_causal_lm, lora_config, prepare_for_adapters, upcast_trained
+    from rlhf_exp.models import broadcast_loading, load_causal_lm, lora_config, prepare_for_adapters, upcast_trained
     from rlhf_exp.runners.common import (
         Built,
         after_loading,
@@ -29,7 +29,8 @@ def build(cfg: RunConfig, run: Run):
     args = sft_config(cfg, run.dir, has_eval=data.eval is not None)
     before_loading(cfg, run, args)
     # under LoRA the base is frozen: half precision, or 4/8-bit with hardware.load_in_4bit/8bit (QLoRA)
-    model = load_causal_lm(cfg.model, hw, tokenizer, trained=not hw.lora)
+    with broadcast_loading(hw):  # under FSDP only rank 0 reads the checkpoint
+        model = load_causal_lm(cfg.model, hw, tokenizer, trained=not hw.lora)
     after_loading(run, policy=model)
     metrics: dict = {}
     record_initial_gold(cfg, model, tokenizer, data, run, metrics)

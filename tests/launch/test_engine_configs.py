@@ -118,3 +118,15 @@ def test_sft_under_zero3_on_two_cpu_processes_loads_partitioned_and_learns(scale
 
     saved = AutoModelForCausalLM.from_pretrained(run / "checkpoints" / "final")
     assert sum(p.numel() for p in saved.parameters()) == loading["params_total"]
+
+
+
+@pytest.mark.parametrize("phase", ["sft", "rm", "dpo"])
+def test_trl_phases_under_fsdp_on_cpu_processes_are_refused_not_run_as_ddp(phase, tmp_path):
+    """accelerate turns FSDP on for GPU process groups only: on CPU processes the TRL trainer would silently run DDP
+    (whole model per process). Refused in one line, before anything is written; PPO's own FSDP is accepted."""
+    proc = run_cli([f"phase={phase}", "hardware=cpu_x2", "hardware.distributed=fsdp", f"output_root={tmp_path}"])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"hardware.distributed=fsdp with hardware.accelerator=cpu for phase={phase}" in proc.stderr
+    assert "deepspeed_zero3" in proc.stderr and "Traceback" not in proc.stderr
+    assert not any(tmp_path.iterdir())

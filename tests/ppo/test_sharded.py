@@ -80,6 +80,14 @@ def test_sharded_ppo_learns_and_takes_one_process_first_steps(engine, sharded, o
     # the settings used are in the run folder
     launch = run / "launch" / ("fsdp.json" if engine == "fsdp" else "deepspeed.json")
     assert launch.is_file(), list(run.iterdir())
+    loading = read_json(run / "launch" / "loading.json")
+    assert set(loading) == {"policy", "reference", "reward_model", "critic"}
+    for role, record in loading.items():
+        held = record["params_per_process"]
+        if engine == "fsdp":  # rank 0 alone read each checkpoint; rank 1 built a skeleton and got its shards
+            assert held == [record["params_total"], 0], (role, record)
+        else:  # ZeRO-3: each process loaded only its partition
+            assert all(0 < h < record["params_total"] for h in held), (role, record)
     if engine != "fsdp":
         ds = read_json(launch)["trained"]
         assert ds["zero_optimization"]["stage"] == 3
