@@ -28,6 +28,7 @@ from rlhf_exp.config.errors import CONF_DIR, ConfigError, config_groups, group_o
 from rlhf_exp.config.schema import register_configs
 from rlhf_exp.config.validate import validate
 from rlhf_exp.launch.signals import GUARD, Interrupted
+from rlhf_exp.tracking.folder import RunLock, check_before_launch, check_writable, resumable  # noqa: F401
 
 register_configs()
 
@@ -299,12 +300,18 @@ def run_job(cfg: DictConfig):
             return float("nan") if multirun else None
         distributed.from_submitit()  # one of several SLURM tasks: torch.distributed variables from SLURM's
         resume = (run_dir / "manifest.json").exists() and resumable(cfg, run_dir)
+        # one live process per run folder: the launching process (SLURM's rank 0 task) holds its lock
+        lock = RunLock(run_dir).acquire() if distributed.rank() == 0 else None
         started = True  # from here on the folder is this run's
-        if distributed.needs_spawn(cfg):
-            distributed.spawn_workers(cfg, run_dir, resume)
-            result = distributed.read_metrics(run_dir)
-        else:
-            result = execute(cfg, run_dir, resume)
+        try:
+            if distributed.needs_spawn(cfg):
+                distributed.spawn_workers(cfg, run_dir, resume)
+                result = distributed.read_metrics(run_dir)
+            else:
+                result = execute(cfg, run_dir, resume)
+        finally:
+            if lock is not None:
+                lock.release()
     except KeyboardInterrupt:
         print(f"\nrlhf_exp: interrupted; {run_dir} is marked failed (manifest.json)", file=sys.stderr)
         sys.exit(130)
@@ -313,6 +320,13 @@ def run_job(cfg: DictConfig):
     except Exception as exc:
         if distributed.in_task_group():  # one of several SLURM tasks: the others must not wait for it
             distributed.abort_task(run_dir, exc, record=started)
+        if started and _disk_full(exc):
+            line = _disk_full_line(run_dir, exc)
+            if not multirun:
+                print(line, file=sys.stderr)
+                sys.exit(1)
+            print(line, file=sys.stderr, flush=True)
+            return float("nan")
         if not multirun:
             if isinstance(exc, ConfigError):
                 fail(str(exc))
@@ -330,6 +344,32 @@ def run_job(cfg: DictConfig):
     return float("nan") if objective is None else objective
 
 
+def _disk_full(exc: BaseException) -> bool:
+    import errno
+
+    seen = exc
+    while seen is not None:  # the error itself, or what it was raised from (a library's wrapper)
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _disk_full_line(run_dir: Path, exc: BaseException) -> str:
+    """One line for a run stopped by a full disk (or quota): where, what state it left, how to continue."""
+    where = next((getattr(e, "filename", None) for e in (exc, exc.__cause__, exc.__context__)
+                  if getattr(e, "filename", None)), None)
+    try:
+        status = json.loads((run_dir / "manifest.json").read_text()).get("status")
+    except (OSError, ValueError):
+        status = None
+    state = ("its manifest says failed" if status == "failed" else
+             "its manifest could not be updated and keeps its last good state")
+    return (f"rlhf_exp: error: no space left on device{f' writing {where}' if where else ''}: the run stopped; "
+            f"{state}; metrics.jsonl holds whole lines up to the last step written. Free space, then continue it "
+            f"from its last checkpoint with: python -m rlhf_exp resume={run_dir}")
+
+
 def _job_failed(run_dir: Path, exc: BaseException, traceback: bool) -> float:
     """A failed sweep job: say why in its log, and let the sweep's other jobs run. The job's manifest
     says "failed" with the error; the sweep summary lists it and the command exits non-zero at the end.
@@ -339,23 +379,10 @@ def _job_failed(run_dir: Path, exc: BaseException, traceback: bool) -> float:
 
         tb.print_exc()
     print(f"rlhf_exp: error: sweep job {run_dir.name} failed: {exc}", file=sys.stderr, flush=True)
+    from rlhf_exp.launch.slurm import fail_job_at_exit
+
+    fail_job_at_exit()  # a SLURM job ends with status 1 after its result is saved: sacct says FAILED
     return float("nan")
-
-
-def resumable(cfg: DictConfig, run_dir: Path) -> bool:
-    """A folder that already holds a run is continued only when it is this run, unfinished, and
-    resume=auto; anything else is refused (a run never writes into another run's folder)."""
-    from rlhf_exp.tracking.run import config_hash
-
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    if str(cfg.resume) == "never":
-        raise ConfigError(f"{run_dir} already holds a run and resume=never: leave hydra.run.dir at its default")
-    if manifest.get("config_hash") != config_hash(cfg):
-        raise ConfigError(f"{run_dir} holds another run (its config differs); a run never writes into another run's "
-                          "folder: leave hydra.run.dir at its default, or continue it with resume=<that folder>")
-    if manifest.get("status") == "succeeded":
-        raise ConfigError(f"{run_dir} holds this run, and it already succeeded: nothing to resume")
-    return True
 
 
 def execute(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
@@ -366,7 +393,7 @@ def execute(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
     from rlhf_exp.tracking.lineage import resolve_parents
     from rlhf_exp.tracking.run import Run
 
-    limit_cpu_threads()  # a SLURM task uses the CPUs it was given (spawned workers already have their share)
+    limit_cpu_threads(cfg)  # CPU threads for this process: rlhf_exp.launch.threads (before torch runs any op)
     if cfg.hardware.accelerator == "cpu":  # DeepSpeed (imported by accelerate when installed) need not probe for GPUs
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     parents = resolve_parents(cfg, announce=False)
@@ -390,17 +417,24 @@ def _pipeline(cfgs: list[DictConfig], flags) -> None:
                           "supported for pipelines yet: submit the phases one by one (python -m rlhf_exp phase=...)")
     cfg = cfgs[0]
     pipeline.check(cfg, flags.overrides)
-    common = pipeline.common_overrides([o for o in flags.overrides if not o.startswith("dry_run")])
+    own = ("dry_run", "hydra.run.dir", "resume")  # the pipeline's, not its phases'
+    common = pipeline.common_overrides([o for o in flags.overrides if o.split("=", 1)[0] not in own])
+    run_dir = _explicit_run_dir(flags.overrides, cfg)
+    check_writable(Path(str(cfg.output_root)), "output_root")
+    if run_dir is not None:
+        check_writable(run_dir, "hydra.run.dir")
     # each phase's launch checks, before the pipeline's folder exists (a dry run refuses alike); the
     # parents are the pipeline's own earlier phases
     plan([compose(pipeline.phase_args(cfg, phase, common, None)) for phase in cfg.pipeline.phases],
          dry_run=cfg.dry_run, parents=False)
     if cfg.dry_run:
+        where = run_dir or Path(str(cfg.output_root)) / "pipelines" / f"<time>_{cfg.pipeline.name}"
+        print(f"pipeline folder: {where} (an unfinished run of this same pipeline under output_root is continued)")
         for phase in cfg.pipeline.phases:
             print("python -m rlhf_exp " + " ".join(pipeline.phase_args(cfg, phase, common, None)))
         print("dry run: every phase composed and checked; nothing loaded, nothing trained.")
         return
-    pipeline.run(cfg, flags.overrides)
+    pipeline.run(cfg, flags.overrides, run_dir)
 
 
 def print_result(phase: str, run_dir: Path, metrics: dict) -> None:
@@ -497,6 +531,14 @@ def main(argv: list[str] | None = None) -> None:
             if flags.cfg is None and cfgs[0].pipeline is not None:
                 _pipeline(cfgs, flags)
                 return
+            if flags.cfg is None:
+                # before Hydra writes anything (.hydra/ included): folders writable, an existing run folder this
+                # run's and free; a dry run refuses alike
+                if flags.multirun:
+                    for output_root in sorted({str(cfg.output_root) for cfg in cfgs}):
+                        check_writable(Path(output_root), "output_root")
+                else:
+                    check_before_launch(cfgs[0], _explicit_run_dir(flags.overrides, cfgs[0]))
             dry_run = any(cfg.dry_run for cfg in cfgs)
             if flags.cfg is None and dry_run and not flags.multirun:
                 _dry_run(cfgs, flags.overrides)
@@ -524,6 +566,15 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"rlhf_exp: launcher={cfgs[0].launcher.name} submits through Hydra's multirun: this run is a "
                       f"one-job sweep under {cfgs[0].output_root}/sweeps/", file=sys.stderr)
                 argv.append("--multirun")
+            if flags.cfg is None and not dry_run and cfgs[0].launcher.name == "slurm":
+                from rlhf_exp.launch.slurm_wait import install
+
+                # sbatch refusals and hopeless pending reasons in one line (exit 2), scancel with its resume command
+                install(cfgs[0].launcher.get("pending_timeout_min"))
+                run_dirs = [o.split("=", 1)[1] for o in flags.overrides if o.startswith("hydra.run.dir=")]
+                if run_dirs and not flags.multirun:  # resume=<run folder>: the one-job sweep runs in that folder
+                    run_dir = Path(run_dirs[-1])
+                    argv = _add_overrides(argv, [f"hydra.sweep.dir={run_dir.parent}", f"hydra.sweep.subdir={run_dir.name}"])
         except ConfigError as exc:
             fail(str(exc))
 
@@ -539,12 +590,36 @@ def main(argv: list[str] | None = None) -> None:
     _exit_status_of_sweep()
 
 
+def _explicit_run_dir(overrides: list[str], cfg: DictConfig) -> Path | None:
+    """The folder a single run was pointed at (``hydra.run.dir=...``, also what ``resume=<folder>`` adds), resolved
+    against the config (``${output_root}``); None for the default, a new time-stamped folder."""
+    given = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == "hydra.run.dir"]
+    if not given:
+        return None
+    value = given[-1]
+    if "${" in value:
+        try:
+            probe = OmegaConf.merge(cfg, {"_run_dir_probe": value})
+            value = str(OmegaConf.select(probe, "_run_dir_probe", throw_on_resolution_failure=True))
+        except Exception:  # Hydra's own resolvers (${now:...}) exist only inside its job: a new folder
+            return None
+    return Path(value).expanduser().resolve()
+
+
 def _resume_command(argv: list[str]) -> list[str]:
     """``resume=<run folder>``: that run's own command (its .hydra/overrides.yaml) into its own folder."""
     given = [a for a in argv if a.startswith("resume=") and a.split("=", 1)[1] not in ("auto", "never")]
     if not given:
         return argv
     folder = Path(given[-1].split("=", 1)[1]).expanduser().resolve()
+    pipeline_manifest = folder / "pipeline.json"
+    if pipeline_manifest.is_file():  # a pipeline's folder: its command, continued there
+        try:
+            overrides = [str(o) for o in json.loads(pipeline_manifest.read_text())["overrides"]]
+        except (OSError, ValueError, KeyError) as exc:
+            fail(f"resume={folder}: its pipeline.json cannot be read ({exc})")
+        print(f"rlhf_exp: resuming pipeline {folder.name}: python -m rlhf_exp {' '.join(overrides)}", file=sys.stderr)
+        return [*overrides, f"hydra.run.dir={folder}"]
     saved = folder / ".hydra" / "overrides.yaml"
     if not (folder / "manifest.json").is_file() or not saved.is_file():
         fail(f"resume={folder}: not a run folder (it needs manifest.json and .hydra/overrides.yaml)")
@@ -582,6 +657,10 @@ def _exit_status_of_sweep() -> None:
     if not summary:
         return
     failed = [job for job in summary["jobs"] if job["status"] != "succeeded"]
+    from rlhf_exp.launch.slurm_wait import REPORTED
+
+    if failed and all(job["path"] in REPORTED for job in failed):
+        sys.exit(1)  # cancelled SLURM jobs, each already reported in one line with its resume command
     if failed:
         lines = [f"  {job['job']}: {job['status']}: {job.get('error') or 'see its log under .submitit/ or above'}"
                  for job in failed]

@@ -1,12 +1,21 @@
 """``pipeline=rlhf``: several phases in one command, each a normal run in a subfolder.
 
-    <output_root>/pipelines/<time>_<name>/
+    <output_root>/pipelines/<time>_<name>/   (or hydra.run.dir=<folder>)
+        pipeline.json             the pipeline's manifest: its overrides, status, resume command
         sft/ rm/ ppo/ dpo/        each with the run-folder contract (summary, metrics, manifest)
         pipeline_summary.json     the phases' key numbers (also printed as a table)
 
 Every phase is composed and checked before the first one starts (a typo in ``pipeline.ppo.kl_coef``
 fails at once, not after SFT and RM have trained). Each phase then runs as ``python -m rlhf_exp``
 in a fresh process, with its parents pointed at the sibling folders.
+
+Resuming: the same command again (or ``resume=<pipeline folder>``) continues the latest unfinished pipeline
+of the same overrides under output_root: phases that succeeded are reused as they are, an interrupted phase
+resumes from its last checkpoint (its own ``resume=auto``), the rest run. Stopping: SIGTERM or SIGINT (Ctrl-C)
+to the pipeline is passed to the running phase, which saves a checkpoint and stops; the pipeline then says how
+to resume, in one line. The phase runs in its own process group (a terminal's Ctrl-C reaches the pipeline only)
+and is told by the kernel to stop (SIGTERM) if the pipeline process dies, even by SIGKILL: no phase runs on
+alone.
 """
 
 from __future__ import annotations
@@ -82,36 +91,164 @@ def check(cfg: DictConfig, overrides: list[str]) -> None:
             raise ConfigError(f"pipeline.{phase}: {exc}") from None
 
 
-def run(cfg: DictConfig, overrides: list[str]) -> Path:
-    check(cfg, overrides)
-    common = common_overrides(overrides)
+MANIFEST = "pipeline.json"
+
+
+def _folder(cfg: DictConfig, overrides: list[str], run_dir: Path | None) -> tuple[Path, bool]:
+    """The pipeline's folder and whether it continues an earlier attempt: ``run_dir`` (hydra.run.dir or
+    resume=<folder>) when given, else the latest unfinished pipeline of the same overrides under output_root, else
+    a new time-stamped folder."""
+    key = _identity(cfg, overrides)
+    if run_dir is not None:
+        manifest = _read(run_dir / MANIFEST)
+        if manifest is not None and manifest.get("identity") != key:
+            raise ConfigError(f"{run_dir} holds another pipeline (its overrides differ: {manifest.get('overrides')}); "
+                              "leave hydra.run.dir at its default, or resume it with resume=<that folder>")
+        if manifest is not None and manifest.get("status") == "succeeded":
+            raise ConfigError(f"{run_dir} holds this pipeline, and it already succeeded: nothing to resume")
+        return run_dir, manifest is not None
+    parent = Path(str(cfg.output_root)).expanduser().resolve() / "pipelines"
+    if str(cfg.resume) != "never" and parent.is_dir():
+        for folder in sorted(parent.iterdir(), reverse=True):  # names start with the time: newest first
+            manifest = _read(folder / MANIFEST)
+            if manifest and manifest.get("identity") == key and manifest.get("status") != "succeeded":
+                return folder, True
     stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
-    root = Path(cfg.output_root) / "pipelines" / f"{stamp}_{cfg.pipeline.name}"
-    root.mkdir(parents=True)
+    return parent / f"{stamp}_{cfg.pipeline.name}", False
+
+
+def _identity(cfg: DictConfig, overrides: list[str]) -> str:
+    """What makes two pipeline commands the same pipeline: its phases' settings and the common overrides."""
+    kept = sorted(o for o in overrides if _key(o) not in ("hydra.run.dir", "resume", "dry_run"))
+    blob = json.dumps({"pipeline": OmegaConf.to_container(cfg.pipeline, resolve=True), "overrides": kept},
+                      sort_keys=True, default=str)
+    import hashlib
+
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _succeeded(folder: Path) -> bool:
+    manifest = _read(folder / "manifest.json")
+    return bool(manifest and manifest.get("status") == "succeeded" and (folder / "summary.json").is_file())
+
+
+def _stop_with_parent() -> None:
+    """In the phase's process, before it runs: the kernel sends it SIGTERM when the pipeline process dies (Linux
+    PR_SET_PDEATHSIG), so a pipeline killed with SIGKILL leaves no phase running on; the phase checkpoints."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG = 1
+    except OSError:
+        pass
+
+
+class _Forward:
+    """While a phase runs: SIGTERM / SIGINT / SIGUSR2 to the pipeline are passed on to the phase (as SIGTERM for
+    SIGINT, the stop every phase checkpoints on)."""
+
+    def __init__(self):
+        self.child = None
+        self.received: int | None = None
+
+    def __enter__(self):
+        import signal
+
+        self._old = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)}
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+
+        first = self.received is None
+        self.received = self.received or signum
+        if self.child is not None and self.child.poll() is None:
+            self.child.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
+            if first:
+                print(f"\nrlhf_exp: pipeline: {signal.Signals(signum).name} passed on to the running phase (pid "
+                      f"{self.child.pid}); it saves a checkpoint and stops", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def run(cfg: DictConfig, overrides: list[str], run_dir: Path | None = None) -> Path:
+    check(cfg, overrides)
+    common = common_overrides([o for o in overrides if _key(o) not in ("hydra.run.dir", "resume")])
+    root, continuing = _folder(cfg, overrides, run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    root = root.resolve()
+    resume_command = f"python -m rlhf_exp resume={root}"
+    manifest = _read(root / MANIFEST) or {"pipeline": str(cfg.pipeline.name), "identity": _identity(cfg, overrides),
+                                           "overrides": [o for o in overrides if _key(o) not in ("hydra.run.dir", "resume")],
+                                           "phases": list(cfg.pipeline.phases), "attempts": 0}
+    manifest.update(status="running", resume_command=resume_command, attempts=int(manifest.get("attempts", 0)) + 1)
+    write_json_atomic(root / MANIFEST, manifest)
+    if continuing:
+        print(f"rlhf_exp: pipeline {cfg.pipeline.name}: continuing {root}", file=sys.stderr, flush=True)
     rows = []
     status = "succeeded"
-    for phase in cfg.pipeline.phases:
-        folder = (root / phase).resolve()
-        print(f"rlhf_exp: pipeline {cfg.pipeline.name}: {phase} -> {folder}", file=sys.stderr, flush=True)
-        proc = subprocess.run([sys.executable, "-m", "rlhf_exp", *phase_args(cfg, phase, common, folder)])
-        summary_path = folder / "summary.json"
-        if proc.returncode != 0 or not summary_path.is_file():
-            rows.append({"phase": phase, "path": str(folder), "status": "failed"})
-            status = "failed"
-            break
-        summary = json.loads(summary_path.read_text())
-        rows.append({"phase": phase, "run_id": summary["run_id"], "path": str(folder), "status": "succeeded",
-                     "metrics": {col: summary["metrics"].get(key) for key, col in COLUMNS[phase].items()}})
+    with _Forward() as forward:
+        for phase in cfg.pipeline.phases:
+            folder = root / phase
+            if _succeeded(folder):
+                print(f"rlhf_exp: pipeline {cfg.pipeline.name}: {phase} already succeeded in {folder}: reused",
+                      file=sys.stderr, flush=True)
+            elif forward.received is None:
+                print(f"rlhf_exp: pipeline {cfg.pipeline.name}: {phase} -> {folder}", file=sys.stderr, flush=True)
+                forward.child = subprocess.Popen([sys.executable, "-m", "rlhf_exp",
+                                                  *phase_args(cfg, phase, common, folder)],
+                                                 start_new_session=True, preexec_fn=_stop_with_parent)
+                while True:
+                    try:
+                        forward.child.wait()
+                        break
+                    except KeyboardInterrupt:  # a handler was replaced meanwhile: keep waiting for the phase
+                        continue
+                forward.child = None
+            summary_path = folder / "summary.json"
+            if forward.received is not None or not _succeeded(folder):
+                stopped = forward.received is not None
+                rows.append({"phase": phase, "path": str(folder), "status": "interrupted" if stopped else "failed"})
+                status = "interrupted" if stopped else "failed"
+                break
+            summary = json.loads(summary_path.read_text())
+            rows.append({"phase": phase, "run_id": summary["run_id"], "path": str(folder), "status": "succeeded",
+                         "metrics": {col: summary["metrics"].get(key) for key, col in COLUMNS[phase].items()}})
+    done = {row["phase"] for row in rows}
+    rows += [{"phase": p, "path": str(root / p), "status": "not started"} for p in cfg.pipeline.phases if p not in done]
     write_json_atomic(root / "pipeline_summary.json", {
         "pipeline": cfg.pipeline.name, "status": status, "config": OmegaConf.to_container(cfg.pipeline),
-        "overrides": overrides, "phases": rows})
+        "overrides": manifest["overrides"], "phases": rows, "resume_command": None if status == "succeeded" else resume_command})
+    write_json_atomic(root / MANIFEST, {**manifest, "status": status})
     print(table(rows))
     print(f"rlhf_exp: pipeline folder {root} (pipeline_summary.json)")
+    if status == "interrupted":
+        import signal
+
+        print(f"rlhf_exp: pipeline stopped by {signal.Signals(forward.received).name} during {rows_stopped(rows)}; "
+              f"continue it with: {resume_command}", file=sys.stderr)
+        sys.exit(128 + int(forward.received))
     if status != "succeeded":
-        print(f"rlhf_exp: error: pipeline stopped: phase {rows[-1]['phase']} failed (see its output above)",
-              file=sys.stderr)
+        print(f"rlhf_exp: error: pipeline stopped: phase {rows_stopped(rows)} failed (see its output above); fix it, "
+              f"then continue with: {resume_command}", file=sys.stderr)
         sys.exit(1)
     return root
+
+
+def rows_stopped(rows: list[dict]) -> str:
+    return next((r["phase"] for r in rows if r["status"] in ("interrupted", "failed")), "?")
 
 
 def table(rows: list[dict]) -> str:

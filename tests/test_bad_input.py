@@ -205,3 +205,80 @@ def test_sweep_value_of_the_wrong_type(tmp_path, args, expected):
     message = cli_error(["-m", *args], tmp_path)
     assert message.startswith(f"rlhf_exp: error: {expected}")
     assert not list(tmp_path.iterdir()), "no job may start when one swept value is bad"
+
+
+# ------------------------------------------------------------------- issue 13: smaller messages
+
+
+def test_one_record_file_says_what_works(tmp_path, local_model):
+    """No data.eval_fraction splits 1 record (and 0 is refused by the config check): say what works."""
+    path = write_jsonl(tmp_path / "train.jsonl", [PC])
+    message = cli_error([*JSONL_RUN, f"model.path={local_model}", f"data.train_file={path}"], tmp_path)
+    assert message == (f"rlhf_exp: error: data.train_file={path}: 1 record cannot be split into train and eval; holding "
+                       "out an eval set (data.eval_fraction) needs at least 2 records. Add records, or give an eval set: "
+                       "data.eval_file=<file> (may be the train file itself).")
+    assert "lower data.eval_fraction" not in message
+
+
+def test_one_record_file_with_itself_as_eval_file_loads(compose, tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [PC])
+    train, eval_ = load_sft(data_cfg(compose, path, f"data.eval_file={path}"), seed=0)
+    assert len(train) == len(eval_) == 1
+
+
+def test_too_large_eval_fraction_says_how_low_to_go(compose, tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [PC] * 2)
+    assert load_error(load_sft, data_cfg(compose, path, "data.eval_fraction=0.9")) == (
+        f"data.train_file={path}: holding out data.eval_fraction=0.9 of 2 records leaves none to train on. Lower it "
+        "(data.eval_fraction=0.5 or less keeps at least 1), or give an eval set: data.eval_file=<file> "
+        "(may be the train file itself).")
+    train, eval_ = load_sft(data_cfg(compose, path, "data.eval_fraction=0.5"), seed=0)
+    assert len(train) == len(eval_) == 1
+
+
+@pytest.mark.parametrize("row, words", [
+    ({**PREF, "prompt": 5}, "prompt: expected a non-empty string or a non-empty list of {\"role\": str, \"content\": str} "
+                            "messages, got 5 (a JSON number)."),
+    ({**PREF, "chosen": 3}, "chosen: expected a non-empty string or a non-empty list of {\"role\": str, \"content\": str} "
+                            "messages, got 3 (a JSON number)."),
+    ({**PREF, "rejected": {"text": "2 1"}}, "rejected: expected a non-empty string or a non-empty list of {\"role\": str, "
+                                           "\"content\": str} messages, got {\"text\": \"2 1\"} (a JSON object)."),
+    ({**PREF, "chosen": []}, "chosen: expected a non-empty string or a non-empty list of {\"role\": str, \"content\": str} "
+                             "messages, got an empty array."),
+], ids=["number_prompt", "number_answer", "object_answer", "empty_list"])
+def test_wrong_field_type_names_both_accepted_forms(compose, tmp_path, row, words):
+    path = write_jsonl(tmp_path / "train.jsonl", [PREF, row])
+    assert load_error(load_preferences, data_cfg(compose, path)) == f"data.train_file={path} line 2: {words}"
+
+
+def test_messages_field_of_the_wrong_type_accepts_only_a_list(compose, tmp_path):
+    chat = {"messages": [{"role": "user", "content": "2 1"}, {"role": "assistant", "content": "1 2"}]}
+    path = write_jsonl(tmp_path / "train.jsonl", [chat, {"messages": 7}])
+    assert load_error(load_sft, data_cfg(compose, path)) == (
+        f"data.train_file={path} line 2: messages: expected a non-empty list of {{\"role\": str, \"content\": str}} "
+        "messages, got 7 (a JSON number).")
+
+
+def test_number_prompt_through_the_cli(tmp_path, local_model):
+    path = write_jsonl(tmp_path / "train.jsonl", [PC] * 3 + [{"prompt": 5, "completion": "1 2"}])
+    message = cli_error([*JSONL_RUN, f"model.path={local_model}", f"data.train_file={path}"], tmp_path)
+    assert message == (f"rlhf_exp: error: data.train_file={path} line 4: prompt: expected a non-empty string or a "
+                       "non-empty list of {\"role\": str, \"content\": str} messages, got 5 (a JSON number).")
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["phase=dpo", "phase.beta=null"], "phase.beta: null is not allowed; it needs a number, e.g. phase.beta=0.1."),
+    (["phase.max_steps=null"], "phase.max_steps: null is not allowed; it needs an integer, e.g. phase.max_steps=-1."),
+    (["hardware.lora=null"], "hardware.lora: null is not allowed; it needs true or false, e.g. hardware.lora=false."),
+    (["hardware.precision=null"],
+     "hardware.precision: null is not allowed; it needs one of fp32, bf16, fp16, e.g. hardware.precision=fp32."),
+    (["model.lora_target_modules=null"],
+     "model.lora_target_modules: null is not allowed; it needs a list, e.g. model.lora_target_modules=[all-linear]."),
+    (["data.columns=null"], "data.columns: null is not allowed; it is a group of settings. Set its keys instead, "
+                            "e.g. data.columns.prompt=prompt, or leave it out for the defaults."),
+    (["model.name=null"], "model.name: null is not allowed; it needs a string."),
+], ids=["float", "int", "bool", "choice", "list", "group", "no_default"])
+def test_null_for_a_non_optional_key_names_type_and_example(tmp_path, args, expected):
+    message = cli_error([*args, "dry_run=true"], tmp_path)
+    assert message == f"rlhf_exp: error: {expected}"
+    assert "Optional" not in message

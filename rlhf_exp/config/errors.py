@@ -143,6 +143,8 @@ def translate(exc: BaseException, phase_name: str | None) -> str:
         return where + unknown_key_message(str(full_key), phase_name)
     if full_key and kind == "ValidationError":
         msg = str(cause.msg) if hasattr(cause, "msg") else text.splitlines()[1]
+        if re.search(r"field '[^']*' is not Optional", msg):
+            return where + null_message(str(full_key), phase_name)
         return where + validation_message(str(full_key), msg, _example_value(str(full_key), phase_name))
     if "Ambiguous value for argument" in text:
         key = re.search(r"argument '([^']+)'", text)
@@ -168,3 +170,58 @@ def _example_value(full_key: str, phase_name: str | None) -> str | None:
             default = f.default
             return default.value if hasattr(default, "value") else str(default)
     return None
+
+
+def _schema_field(full_key: str, phase_name: str | None):
+    """The schema's dataclass field for ``full_key`` and its resolved type, or (None, None)."""
+    import typing
+
+    schema = _schema_at(full_key, phase_name)
+    if schema is None:
+        return None, None
+    key = full_key.rpartition(".")[2]
+    for f in dataclasses.fields(schema):
+        if f.name == key:
+            try:
+                return f, typing.get_type_hints(schema).get(key, f.type)
+            except Exception:  # an unresolvable annotation: no type to describe
+                return f, None
+    return None, None
+
+
+def _plain(value) -> str:
+    """A default as an override writes it: true/false, [a,b], an enum's value."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_plain(v) for v in value) + "]"
+    return str(value.value if hasattr(value, "value") else value)
+
+
+def null_message(full_key: str, phase_name: str | None) -> str:
+    """A non-Optional key set to null: what it needs, and its default as the example."""
+    import enum
+    import typing
+
+    f, kind = _schema_field(full_key, phase_name)
+    origin = typing.get_origin(kind) or kind
+    if isinstance(kind, type) and dataclasses.is_dataclass(kind):
+        first = dataclasses.fields(kind)[0] if dataclasses.fields(kind) else None
+        example = ""
+        if first is not None and first.default is not dataclasses.MISSING and first.default is not None:
+            example = f", e.g. {full_key}.{first.name}={_plain(first.default)}"
+        return (f"{full_key}: null is not allowed; it is a group of settings. Set its keys instead{example}, "
+                f"or leave it out for the defaults.")
+    if isinstance(kind, type) and issubclass(kind, enum.Enum):
+        needs = f"one of {', '.join(str(m.value) for m in kind)}"
+    else:
+        needs = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+                 list: "a list", dict: "a mapping"}.get(origin, "a value")
+    default = None
+    if f is not None:
+        if f.default is not dataclasses.MISSING and f.default is not None and f.default != "???":
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+    example = f", e.g. {full_key}={_plain(default)}" if default is not None else ""
+    return f"{full_key}: null is not allowed; it needs {needs}{example}."

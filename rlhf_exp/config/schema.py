@@ -372,6 +372,9 @@ class PPOPhaseConfig(PhaseConfig):
     lora_learning_rate: Optional[float] = 1e-5
     sft_run: Optional[str] = None
     reward_run: Optional[str] = None
+    # accept a reward_run that was not trained from sft_run (its manifest's SFT parent is another run);
+    # by default such a pair is refused (see docs/lineage.md)
+    allow_foreign_reward_model: bool = False
     # KL penalty coefficient (with kl_ctrl=adaptive, its starting value)
     kl_coef: float = 0.2
     kl_ctrl: KLControl = KLControl.adaptive
@@ -510,6 +513,10 @@ class LauncherConfig:
     # how many times a job that reaches its time limit is requeued to continue from its checkpoint
     # (preempted jobs are always requeued); 0: a job at its time limit saves and stops
     max_num_timeout: int = 3
+    # launcher=slurm: minutes the command waits for its job (a sweep's first job) to leave the queue before
+    # cancelling it (exit 2); null: wait as long as it takes. A reason that waiting cannot clear
+    # (PartitionTimeLimit, a QOS per-job limit, ...) is cancelled at once either way (docs/slurm-sizing.md)
+    pending_timeout_min: Optional[float] = None
 
 
 # ------------------------------------------------------------------------ pipeline

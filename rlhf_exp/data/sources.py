@@ -204,7 +204,8 @@ def _load_hub(data_cfg, seed: int, task: str, tallies: dict) -> tuple[datasets.D
             train_name = None  # a file has no split name of its own
     if eval_raw is None:
         n_read = len(train_raw)
-        train_raw, eval_raw = _holdout(train_raw, data_cfg.eval_fraction, seed, holdout_what)
+        eval_fix = None if local is not None and local.is_file() else f"data.{eval_key}=<split>"
+        train_raw, eval_raw = _holdout(train_raw, data_cfg.eval_fraction, seed, holdout_what, eval_fix)
         eval_name = "held-out"
         if why and eval_raw is not None:
             log.warning("data.path=%s %s: holding out %d of its %d rows for eval (data.eval_fraction=%s, seed %d).",
@@ -412,7 +413,8 @@ def _load_jsonl(data_cfg, seed: int, task: str, tallies: dict) -> tuple[datasets
         tallies["eval"] = _tally(len(eval_records) + identical)
         _drop(tallies["eval"], "identical_pair", identical)
     else:
-        train, eval_ = _holdout(train, data_cfg.eval_fraction, seed, f"data.train_file={data_cfg.train_file}")
+        train, eval_ = _holdout(train, data_cfg.eval_fraction, seed, f"data.train_file={data_cfg.train_file}",
+                                "data.eval_file=<file> (may be the train file itself)")
         if eval_ is not None:  # the held-out records count as the eval split's, not the train split's
             tallies["train"]["loaded"] -= len(eval_)
             tallies["eval"] = _tally(len(eval_))
@@ -498,14 +500,20 @@ def _jsonl_objects(path: Path, where: str):
 # ------------------------------------------------------------------ splits and caps
 
 
-def _holdout(ds: datasets.Dataset, fraction: float, seed: int, what: str):
-    """Seeded random holdout; ``fraction`` <= 0 means no eval set."""
+def _holdout(ds: datasets.Dataset, fraction: float, seed: int, what: str, eval_fix: str | None = None):
+    """Seeded random holdout; ``fraction`` <= 0 means no eval set. ``eval_fix`` names the setting that
+    gives an eval set instead (None: there is none, e.g. a local copy given as one file)."""
     if fraction <= 0:
         return ds, None
     n_eval = max(1, round(len(ds) * fraction))
     if n_eval >= len(ds):
-        raise ConfigError(f"{what}: {len(ds)} record(s) are too few to hold out data.eval_fraction={fraction}. "
-                          f"Give an eval set (data.eval_file / eval split) or lower data.eval_fraction.")
+        given = f", or give an eval set: {eval_fix}" if eval_fix else ""
+        if len(ds) < 2:  # no fraction helps: a held-out split takes at least 1 record and leaves at least 1
+            records = f"{len(ds)} record{'' if len(ds) == 1 else 's'}"
+            raise ConfigError(f"{what}: {records} cannot be split into train and eval; holding out an eval set "
+                              f"(data.eval_fraction) needs at least 2 records. Add records{given}.")
+        raise ConfigError(f"{what}: holding out data.eval_fraction={fraction} of {len(ds)} records leaves none to "
+                          f"train on. Lower it (data.eval_fraction=0.5 or less keeps at least 1){given}.")
     parts = ds.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
     return parts["train"], parts["test"]
 
@@ -636,8 +644,10 @@ def _messages(value: Any, name: str) -> list[dict[str, str]]:
     if isinstance(value, str):
         raise RowError(f"{name}: expected a list of messages, got a string.")
     if not isinstance(value, list) or not value:
-        raise RowError(f"{name}: expected a non-empty list of {{\"role\": str, \"content\": str}} messages, "
-                       f"got {value!r:.60}.")
+        # every field but a chat transcript ("messages") also takes a plain string
+        either = "a non-empty string or " if name != "messages" else ""
+        raise RowError(f"{name}: expected {either}a non-empty list of {{\"role\": str, \"content\": str}} messages, "
+                       f"got {_shown_value(value)}.")
     out = []
     for i, msg in enumerate(value, 1):
         if not (isinstance(msg, dict) and isinstance(msg.get("role"), str) and isinstance(msg.get("content"), str)):
@@ -647,6 +657,16 @@ def _messages(value: Any, name: str) -> list[dict[str, str]]:
             raise RowError(f"{name}: message {i} ({msg['role']}) is an empty string. Fill it in or remove the record.")
         out.append({"role": msg["role"], "content": msg["content"]})
     return out
+
+
+def _shown_value(value: Any) -> str:
+    """A bad field value in a message: its JSON text (cut short) and its JSON type."""
+    if isinstance(value, list):  # only an empty one gets here
+        return "an empty array"
+    kind = {bool: "boolean", int: "number", float: "number", dict: "object", type(None): "null"}.get(type(value))
+    text = json.dumps(value) if kind else repr(value)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    return f"{text} (a JSON {kind})" if kind else f"{text} (a {type(value).__name__})"
 
 
 def _check_answer(chat: list[dict[str, str]], name: str) -> None:

@@ -223,19 +223,23 @@ def slurm_task_cpus() -> int | None:
         return None
 
 
-def limit_cpu_threads() -> int | None:
-    """Inside a SLURM task, CPU threads (OMP_NUM_THREADS, torch's intra-op threads) = the CPUs SLURM
-    allocated to it, unless OMP_NUM_THREADS is set. Without CPU binding on the cluster (TaskPlugin
+def limit_cpu_threads(cfg: DictConfig | None = None) -> int | None:
+    """This process's CPU threads (OMP_NUM_THREADS, torch's intra-op threads), set where a phase starts.
+    With the run's ``cfg``: the rule of :mod:`rlhf_exp.launch.threads` (the user's OMP_NUM_THREADS; 1 for
+    the embedded/small models; else the CPUs this process may use, SLURM's allocation or affinity and
+    cgroup quota, divided among the run's local processes). Without: only inside a SLURM task, the CPUs
+    SLURM allocated to it, unless OMP_NUM_THREADS is set. Without CPU binding on the cluster (TaskPlugin
     task/none) each task would otherwise start a thread per core of the node, and jobs sharing a node
     oversubscribe it (measured on a 2-core node with two tiny PPO jobs: a stop on SIGTERM, which finishes
-    the step and saves, took up to 17 s instead of 0.1-0.2 s). Returns the count set."""
+    the step and saves, took up to 17 s instead of 0.1-0.2 s). Returns the count set (None: unchanged)."""
+    from rlhf_exp.launch import threads
+
+    if cfg is not None:
+        return threads.configure(cfg)
     cpus = slurm_task_cpus()
     if cpus is None or "OMP_NUM_THREADS" in os.environ:
         return None
-    os.environ["OMP_NUM_THREADS"] = str(cpus)
-    if "torch" in sys.modules:  # read at import; already imported: set it directly
-        sys.modules["torch"].set_num_threads(cpus)
-    return cpus
+    return threads.apply(cpus)
 
 
 def needs_spawn(cfg: DictConfig) -> bool:
@@ -260,8 +264,9 @@ def spawn_workers(cfg: DictConfig, run_dir: Path, resume: bool = False) -> None:
     env = {**os.environ, "RLHF_EXP_COMMAND": command_line(),
            # DeepSpeed on CPU processes (tests, laptops): its CPU accelerator, over gloo
            **({"DS_ACCELERATOR": "cpu"} if cfg.hardware.accelerator == "cpu" else {}),
-           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS",
-                                             str(max(1, (slurm_task_cpus() or os.cpu_count() or 1) // n)))}
+           # each worker's threads, set before it imports torch (threads.cpu_threads: the user's
+           # OMP_NUM_THREADS, 1 for small models, else this machine's usable CPUs // n)
+           **_worker_threads(cfg)}
     print(f"rlhf_exp: starting {n} worker processes (torchrun, {cfg.hardware.accelerator}"
           f"{', gloo' if cfg.hardware.accelerator == 'cpu' else ''}) for {run_dir}", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, env=env)
@@ -269,6 +274,13 @@ def spawn_workers(cfg: DictConfig, run_dir: Path, resume: bool = False) -> None:
         mark_failed(run_dir, f"a worker process failed (torchrun exit {proc.returncode}); its traceback is above")
         raise WorkersFailed(f"{n}-process run failed (torchrun exit {proc.returncode}); "
                            f"see the worker output above and {run_dir / 'manifest.json'}")
+
+
+def _worker_threads(cfg: DictConfig) -> dict[str, str]:
+    from rlhf_exp.launch import threads
+
+    n = threads.cpu_threads(cfg)
+    return {} if n is None else {"OMP_NUM_THREADS": str(n)}
 
 
 def mark_failed(run_dir: Path, error: str) -> None:

@@ -135,3 +135,28 @@ def _sizing(node: DictConfig) -> dict[str, Any]:
 
 def _text(value: Any) -> str:
     return "null" if value is None else str(value)
+
+
+def fail_job_at_exit() -> None:
+    """In a SLURM job (submitit): once submitit has saved this Hydra job's result (the objective, NaN for a
+    failed run, whose manifest says failed) and the process ends, end it with status 1, so that SLURM
+    records the job FAILED (sacct) instead of COMPLETED. The result must exist first: without it the
+    CLI would wait for a requeue, or see an incomplete job. Every other exit handler still runs."""
+    import atexit
+    import os
+    import sys
+
+    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+        return
+
+    def _exit_failed() -> None:
+        atexit.unregister(_exit_failed)
+        atexit._run_exitfuncs()  # the handlers registered before this one (logging, ...), then the status
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(1)
+
+    atexit.register(_exit_failed)

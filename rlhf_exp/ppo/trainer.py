@@ -9,7 +9,6 @@ the RM run's ``reward_stats.json``. The math lives in ``rlhf_exp.ppo.core``; thi
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -377,8 +376,11 @@ class PPOTrainer:
 
 
 def load_reward_stats(rm_run: Path) -> dict | None:
-    path = Path(rm_run) / "reward_stats.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    """The RM run's reward_stats.json when it holds a finite mean and std > 0, else None. PPO refuses to start
+    without valid stats when phase.normalize_reward is on (tracking.lineage.resolve_parents, dry runs too)."""
+    from rlhf_exp.tracking.lineage import reward_stats_problem
+
+    return reward_stats_problem(rm_run)[0]
 
 
 def disable_dropout(model) -> None:

@@ -8,8 +8,8 @@ and the model goes to ``checkpoints/reward_model/``, apart from policy checkpoin
 
 from __future__ import annotations
 
-import json
 import sys
+from pathlib import Path
 
 from rlhf_exp.config.schema import RunConfig
 from rlhf_exp.tracking.run import Run
@@ -50,8 +50,30 @@ def build(cfg: RunConfig, run: Run):
     return Built(trainer, log, tokenizer, data, {"sft_run": sft["run_id"]})
 
 
-def run(cfg: RunConfig, run: Run) -> dict:
+def held_out_reward_stats(model, tokenizer, rows, batch_size: int) -> tuple[dict, list[float], list[float]]:
+    """Scores of the held-out pairs' chosen and rejected answers (``rows``: the eval split, with prompt, chosen
+    and rejected columns) and their mean/std, as ``reward_stats.json`` holds them. Returns (stats, chosen
+    scores, rejected scores). The RM runner and ``python -m rlhf_exp.reward_stats`` both measure this way."""
     from rlhf_exp.evaluation import reward_scores
+
+    chosen = reward_scores(model, tokenizer, rows["prompt"], rows["chosen"], batch_size)
+    rejected = reward_scores(model, tokenizer, rows["prompt"], rows["rejected"], batch_size)
+    scores = chosen.new_tensor([*chosen.tolist(), *rejected.tolist()])
+    stats = {"mean": scores.mean().item(), "std": scores.std().item(), "n": len(scores),
+             "reference": "chosen and rejected answers of the eval split"}
+    return stats, chosen.tolist(), rejected.tolist()
+
+
+def write_reward_stats(run_dir: Path, stats: dict) -> Path:
+    """``<run_dir>/reward_stats.json``, written whole or not at all (a temporary file, then renamed)."""
+    from rlhf_exp.tracking.run import write_json_atomic
+
+    path = Path(run_dir) / "reward_stats.json"
+    write_json_atomic(path, stats)
+    return path
+
+
+def run(cfg: RunConfig, run: Run) -> dict:
     from rlhf_exp.runners.common import save_and_finish, train_and_evaluate
 
     built = build(cfg, run)
@@ -62,18 +84,12 @@ def run(cfg: RunConfig, run: Run) -> dict:
               "data likely inconsistent (InstructGPT-style labels typically give 0.65-0.75)", file=sys.stderr)
     data = built.data
     if data.eval is not None:
-        rows = data.eval
-        batch = cfg.phase.per_device_eval_batch_size
-        chosen = reward_scores(built.trainer.model, built.tokenizer, rows["prompt"], rows["chosen"], batch)
-        rejected = reward_scores(built.trainer.model, built.tokenizer, rows["prompt"], rows["rejected"], batch)
-        scores = chosen.new_tensor([*chosen.tolist(), *rejected.tolist()])
-        stats = {"mean": scores.mean().item(), "std": scores.std().item(), "n": len(scores),
-                 "reference": "chosen and rejected answers of the eval split"}
-        (run.dir / "reward_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+        stats, chosen, rejected = held_out_reward_stats(built.trainer.model, built.tokenizer, data.eval,
+                                                        cfg.phase.per_device_eval_batch_size)
+        write_reward_stats(run.dir, stats)
         metrics.update(reward_mean=stats["mean"], reward_std=stats["std"])
         if data.eval_pair_golds:
-            agree = [(c > r) == (gc > gr) for c, r, (gc, gr) in zip(chosen.tolist(), rejected.tolist(),
-                                                                    data.eval_pair_golds) if gc != gr]
+            agree = [(c > r) == (gc > gr) for c, r, (gc, gr) in zip(chosen, rejected, data.eval_pair_golds) if gc != gr]
             if agree:
                 metrics["gold_accuracy"] = sum(agree) / len(agree)
                 run.log({"eval/gold_accuracy": metrics["gold_accuracy"]}, step=built.trainer.state.global_step)

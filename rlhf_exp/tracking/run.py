@@ -13,7 +13,9 @@ Every file is replaced atomically (temporary name, then rename); metrics lines a
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import errno
 import hashlib
 import json
 import math
@@ -44,15 +46,74 @@ def iso_of(timestamp: float) -> str:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def write_text_atomic(path: Path, text: str) -> None:
+    """``path`` holds either its old content or all of ``text``, never a part: written to a temporary file beside
+    it, flushed to disk, then renamed over it. A failed write (a full disk) removes the temporary file and leaves
+    ``path`` as it was."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class MetricsFile:
+    """metrics.jsonl, appended one whole line at a time: each record is one ``write`` of the whole line, and a
+    write that fails part-way (a full disk) is cut back to the end of the previous line, so the file never holds
+    half a record. :func:`read_metrics` drops a torn last line left by a crash (power loss) with a warning."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def write_line(self, line: str) -> None:
+        data = line.encode()
+        end = os.lseek(self.fd, 0, os.SEEK_END)
+        try:
+            written = os.write(self.fd, data)
+            if written != len(data):
+                raise OSError(errno.ENOSPC, f"wrote {written} of {len(data)} bytes", str(self.path))
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, end)
+            raise
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def read_metrics(path: Path, repair: bool = False) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl. A last line that does not parse (cut by a crash mid-write) is dropped with a
+    warning (and, with ``repair``, removed from the file); a bad line before the last is an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if number < len(lines):
+                raise ValueError(f"{path}, line {number}: not a JSON record ({line[:80]!r})") from None
+            print(f"rlhf_exp: warning: {path}: dropped its torn last line {number} (cut by a crash while it was "
+                  "written)", file=sys.stderr)
+            if repair:
+                write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+    return records
 
 
 def config_hash(cfg: DictConfig) -> str:
@@ -107,8 +168,8 @@ class Run:
     # -- lifecycle --------------------------------------------------------------------------
     def __enter__(self) -> Run:
         self.dir.mkdir(parents=True, exist_ok=True)
-        if self.resuming and (self.dir / "metrics.jsonl").is_file():
-            self.previous = [json.loads(line) for line in (self.dir / "metrics.jsonl").read_text().splitlines() if line]
+        if self.resuming:
+            self.previous = read_metrics(self.dir / "metrics.jsonl", repair=self.main)
         if not self.main:
             return self
         if self.resuming:
@@ -139,7 +200,7 @@ class Run:
             "tag": scrub(self.cfg.get("tag")),
         }
         write_json_atomic(self.dir / "manifest.json", self.manifest)
-        self._metrics_file = open(self.dir / "metrics.jsonl", "a", buffering=1)
+        self._metrics_file = MetricsFile(self.dir / "metrics.jsonl")
         self._open_sinks()
         return self
 
@@ -155,7 +216,7 @@ class Run:
         if _slurm_job() is not None:  # a requeued job: its restart count, perhaps another node
             self.manifest["slurm"] = _slurm_job()
         write_json_atomic(self.dir / "manifest.json", self.manifest)
-        self._metrics_file = open(self.dir / "metrics.jsonl", "a", buffering=1)
+        self._metrics_file = MetricsFile(self.dir / "metrics.jsonl")
         self._open_sinks(resume=True)
         return self
 
@@ -173,7 +234,7 @@ class Run:
             return
         self._metrics_file.close()
         write_text_atomic(self.dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.previous))
-        self._metrics_file = open(self.dir / "metrics.jsonl", "a", buffering=1)
+        self._metrics_file = MetricsFile(self.dir / "metrics.jsonl")
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if not self.main:
@@ -195,7 +256,13 @@ class Run:
                 self.manifest["error"] = "the runner returned without writing a summary"
             self.manifest["end_time"] = now_iso()
             self.manifest["versions"] = _versions()
-            write_json_atomic(self.dir / "manifest.json", self.manifest)
+            try:
+                write_json_atomic(self.dir / "manifest.json", self.manifest)
+            except OSError:
+                if exc is None:
+                    raise
+                # the disk that failed the run refuses the manifest too: it stays at its last good state
+                # ("running": resume= continues from the last checkpoint); the run's own error is reported
         finally:
             if self._metrics_file is not None:
                 self._metrics_file.close()
@@ -211,7 +278,7 @@ class Run:
         if not self.main or not metrics:
             return
         record = {"step": int(step), **{k: _clean(v) for k, v in metrics.items()}}
-        self._metrics_file.write(json.dumps(record) + "\n")
+        self._metrics_file.write_line(json.dumps(record) + "\n")
         for sink in self._sinks:
             sink.log(metrics, step)
 
@@ -256,7 +323,7 @@ class Run:
 
 
 def _cpu_threads() -> int:
-    """torch's intra-op CPU threads in this process (under SLURM: the CPUs allocated to the task)."""
+    """torch's intra-op CPU threads in this process, as rlhf_exp.launch.threads set them."""
     import torch
 
     return torch.get_num_threads()

@@ -52,3 +52,93 @@ def test_lineage_of_an_unknown_run(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "rlhf_exp.lineage", "nope", "--root", str(tmp_path)], cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "neither a run folder nor a run id" in proc.stderr
+
+
+SHORT = ["pipeline.sft.max_steps=60", "pipeline.sft.save_steps=20", "pipeline.sft.early_stopping_patience=0",
+         "pipeline.rm.max_steps=20", "pipeline.ppo.max_steps=12", "pipeline.ppo.save_steps=4",
+         "pipeline.dpo.max_steps=10"]
+
+
+def _children(pid: int) -> list[int]:
+    from pathlib import Path
+
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def _wait(condition, timeout: float = 300) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _gone(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    # a zombie (exited, not yet reaped by its parent) has stopped too
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+@pytest.mark.slow
+def test_a_stopped_or_killed_pipeline_leaves_no_phase_running_and_resumes_reusing_finished_phases(tmp_path):
+    """SIGTERM to the pipeline process alone (during SFT): passed on, the phase checkpoints, one line with the
+    resume command, no process left; ``resume=<folder>`` continues. SIGKILL to the pipeline alone (during PPO):
+    the kernel stops the phase too; the same command again reuses SFT and RM untouched, resumes PPO from its
+    checkpoint and completes pipeline_summary.json. The folder is hydra.run.dir's, as for a single run."""
+    import hashlib
+    import os
+    import signal
+
+    folder = tmp_path / "chain"
+    command = [sys.executable, "-m", "rlhf_exp", "pipeline=rlhf", *SHORT, f"hydra.run.dir={folder}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    dry = run_cli(["pipeline=rlhf", *SHORT, f"hydra.run.dir={folder}", "dry_run=true"])
+    assert dry.returncode == 0 and f"pipeline folder: {folder}" in dry.stdout, dry.stderr[-2000:]
+
+    pipeline = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+    assert _wait(lambda: (folder / "sft" / "metrics.jsonl").is_file() or pipeline.poll() is not None)
+    (phase,) = _children(pipeline.pid)
+    pipeline.send_signal(signal.SIGTERM)
+    _, err = pipeline.communicate(timeout=300)
+    assert pipeline.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert f"continue it with: python -m rlhf_exp resume={folder}" in err and "Traceback" not in err
+    assert _gone(phase)
+    summary = read_json(folder / "pipeline_summary.json")
+    assert [(r["phase"], r["status"]) for r in summary["phases"]] == [
+        ("sft", "interrupted"), ("rm", "not started"), ("ppo", "not started"), ("dpo", "not started")]
+    assert read_json(folder / "sft" / "manifest.json")["status"] == "interrupted"
+
+    pipeline = subprocess.Popen([sys.executable, "-m", "rlhf_exp", f"resume={folder}"], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    checkpoint = folder / "ppo" / "checkpoints" / "trainer" / "checkpoint-4" / "complete.json"
+    assert _wait(lambda: checkpoint.is_file() or pipeline.poll() is not None), pipeline.stderr.read()[-3000:]
+    (phase,) = _children(pipeline.pid)
+    finished = {p: hashlib.sha256((folder / p / "manifest.json").read_bytes()).hexdigest() for p in ("sft", "rm")}
+    pipeline.kill()
+    pipeline.wait()
+    assert _wait(lambda: _gone(phase), timeout=120), "the PPO phase ran on after its pipeline was killed"
+
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for p in ("sft", "rm"):
+        assert f"{p} already succeeded in {folder / p}: reused" in again.stderr
+        assert hashlib.sha256((folder / p / "manifest.json").read_bytes()).hexdigest() == finished[p]
+    ppo = read_json(folder / "ppo" / "manifest.json")
+    assert ppo["status"] == "succeeded" and ppo["attempts"]
+    summary = read_json(folder / "pipeline_summary.json")
+    assert summary["status"] == "succeeded" and summary["resume_command"] is None
+    assert [(r["phase"], r["status"]) for r in summary["phases"]] == [(p, "succeeded") for p in ("sft", "rm", "ppo", "dpo")]
+    assert all(r["metrics"] for r in summary["phases"])

@@ -32,6 +32,13 @@ def parent_run(folder: Path, phase: str) -> Path:
     checkpoint = folder / "checkpoints" / "final"
     checkpoint.mkdir(parents=True)
     manifest = {"run_id": folder.name, "phase": phase, "status": "succeeded", "checkpoint": str(checkpoint)}
+    # what the parent checks read cheaply: a config, a header-only safetensors file; an RM's SFT parent
+    # (the stand-in SFT run beside it) and its reward_stats.json
+    (checkpoint / "config.json").write_text("{}")
+    (checkpoint / "model.safetensors").write_bytes(b"\x02" + bytes(7) + b"{}")
+    if phase == "rm":
+        manifest["parents"] = [{"phase": "sft", "run_id": "standin_sft", "path": str(folder.parent / "standin_sft")}]
+        (folder / "reward_stats.json").write_text(json.dumps({"mean": 0.0, "std": 1.0}))
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return folder
 

@@ -93,24 +93,21 @@ def test_two_task_job_trains_as_two_gloo_processes(tmp_path):
 
 def test_failing_job_is_reported_not_waited_on(tmp_path, sft_run):
     """A job whose parent's weights vanished after submission fails inside SLURM: the command ends
-    with a non-zero status naming the job and the error, and the manifest says failed."""
-    broken = tmp_path / "broken_sft"
-    shutil.copytree(sft_run, broken)
-    manifest = read_json(broken / "manifest.json")
-    manifest["checkpoint"] = str(broken / "checkpoints" / "final")
-    (broken / "manifest.json").write_text(json.dumps(manifest))
-    (broken / "checkpoints" / "final" / "model.safetensors").unlink()
+    with a non-zero status naming the jobs, and each job's log says why."""
     start = time.monotonic()
-    proc = run_cli(["-m", "launcher=slurm", "phase=dpo", f"phase.sft_run={broken}", "seed=0,1",
-                    f"output_root={tmp_path / 'out'}"], timeout=600)
-    assert proc.returncode != 0
+    proc = run_with_parent_broken_after_submission(["-m", "launcher=slurm", "phase=dpo", "seed=0,1",
+                                                    f"output_root={tmp_path / 'out'}"], sft_run, tmp_path)
+    assert proc.returncode == 1
     assert "2 of 2 sweep jobs failed" in proc.stderr, proc.stderr[-3000:]
-    assert "no file named model.safetensors" in proc.stderr.split("sweep jobs failed")[1]
     assert time.monotonic() - start < 300
-    _, jobs = sweep_jobs(tmp_path / "out", "dpo")
+    sweep, jobs = sweep_jobs(tmp_path / "out", "dpo")
+    assert len(jobs) == 2
+    logs = sorted(sweep.glob(".submitit/*/*_log.err"))
+    assert len(logs) == 2 and all("model.safetensors is missing" in log.read_text() for log in logs)
     for job in jobs:
-        manifest = read_json(job / "manifest.json")
-        assert manifest["status"] == "failed" and manifest["error"], manifest
+        if (job / "manifest.json").exists():  # (the parent is checked before the run folder is written)
+            manifest = read_json(job / "manifest.json")
+            assert manifest["status"] == "failed" and manifest["error"], manifest
 
 
 def test_preempted_and_requeued_jobs_finish_like_an_uninterrupted_one(tmp_path, sft_run, rm_run):
@@ -202,3 +199,190 @@ def test_a_sweep_over_hardware_is_refused_before_anything_is_submitted(tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "but hardware=cpu_x2 needs tasks_per_node=2. Run one sweep per set of resources" in proc.stderr
     assert not any(tmp_path.iterdir()) and jobs() == before
+
+
+# ------------------------------------------------------------------ when SLURM says no (docs/slurm-sizing.md)
+
+
+def all_jobs() -> set[str]:
+    listed = subprocess.run(["sacct", "-a", "-X", "-n", "-P", "-o", "JobIDRaw", "-S", "now-1days"],
+                            capture_output=True, text=True, check=True, timeout=30)
+    return set(listed.stdout.split())
+
+
+def queued() -> str:
+    return subprocess.run(["squeue", "-h", "-o", "%i %T %r"], capture_output=True, text=True, timeout=30).stdout.strip()
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("rlhf_exp: error:")]
+
+
+@pytest.mark.parametrize("args, reason, setting", [
+    (["hardware=a100x1"], "Invalid generic resource (gres) specification", "hardware=a100x1 asks for 1 GPU(s) per node"),
+    (["launcher.partition=nosuchpartition"], "Invalid partition name specified", "launcher.partition=nosuchpartition"),
+])
+def test_an_sbatch_refusal_is_one_line_and_exit_2(tmp_path, args, reason, setting):
+    before = all_jobs()
+    proc = run_cli(["launcher=slurm", *args, "phase.max_steps=1", f"output_root={tmp_path}"], timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = error_lines(proc.stderr)
+    assert line.startswith("rlhf_exp: error: sbatch refused the job:") and reason in line and setting in line, line
+    assert "Traceback" not in proc.stderr + proc.stdout and "sbatch: error" not in proc.stderr
+    assert all_jobs() == before  # nothing submitted, nothing running
+    assert not list(tmp_path.glob("sweeps/*"))  # and no empty sweep folder left behind
+
+
+@pytest.fixture
+def short_partition():
+    """A partition with MaxTime=1 minute, made at run time (root / SlurmUser only; gone at slurmctld restart):
+    a job asking for more pends with reason PartitionTimeLimit forever."""
+    name = "rlhf_short"
+    nodes = subprocess.run(["sinfo", "-h", "-o", "%N"], capture_output=True, text=True, timeout=30).stdout.split()[0]
+    made = subprocess.run(["scontrol", "create", f"PartitionName={name}", f"Nodes={nodes}", "MaxTime=1", "Default=NO",
+                           "State=UP"], capture_output=True, text=True, timeout=30)
+    if made.returncode != 0:
+        pytest.skip(f"cannot create a partition here (scontrol: {made.stderr.strip()}); needs root")
+    yield name
+    subprocess.run(["scontrol", "delete", f"PartitionName={name}"], capture_output=True, timeout=30)
+
+
+def test_a_pending_reason_that_never_clears_is_cancelled_with_its_setting(tmp_path, short_partition):
+    start = time.monotonic()
+    proc = run_cli(["launcher=slurm", f"launcher.partition={short_partition}", "launcher.time_min=5",
+                    "phase.max_steps=1", f"output_root={tmp_path}"], timeout=300)
+    took = time.monotonic() - start
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = error_lines(proc.stderr)
+    # (Slurm 22.05 gives such a job PartitionTimeLimit, and at some scheduling passes PartitionConfig)
+    assert re.search(r"pending with reason Partition(TimeLimit|Config)", line) and "launcher.time_min" in line, line
+    assert "was cancelled (scancel" in line and "Traceback" not in proc.stderr
+    assert took < 60, took
+    job = re.search(r"SLURM job (\d+)", line).group(1)
+    assert job not in queued()
+    state = subprocess.run(["sacct", "-j", job, "-X", "-n", "-P", "-o", "State"], capture_output=True, text=True,
+                           timeout=30).stdout.strip()
+    assert state.startswith("CANCELLED"), state
+
+
+def test_a_job_too_big_for_the_partition_is_cancelled(tmp_path):
+    """Two nodes of two tasks on the one-node CI partition: PartitionConfig (no root needed)."""
+    proc = run_cli(["launcher=slurm", "hardware=cpu_x2", "hardware.num_nodes=2", "phase.max_steps=1",
+                    f"output_root={tmp_path}"], timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = error_lines(proc.stderr)
+    assert re.search(r"pending with reason Partition(Config|NodeLimit)", line) and "hardware.num_nodes" in line, line
+    assert re.search(r"SLURM job (\d+)", line).group(1) not in queued()
+
+
+def test_pending_timeout_cancels_a_job_that_waits_too_long(tmp_path):
+    """A held job (JobHeldUser: a reason that can clear, so waited on) past launcher.pending_timeout_min."""
+    start = time.monotonic()
+    proc = run_cli(["launcher=slurm", "+launcher.additional_parameters.hold=true", "launcher.pending_timeout_min=0.1",
+                    "phase.max_steps=1", f"output_root={tmp_path}"], timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = error_lines(proc.stderr)
+    assert "still pending after launcher.pending_timeout_min=0.1 (reason: JobHeldUser)" in line, line
+    assert time.monotonic() - start < 60
+    assert re.search(r"SLURM job (\d+)", line).group(1) not in queued()
+
+
+def job_processes(folder: Path) -> list[int]:
+    """The pids of the submitit job processes (on this node) whose command names ``folder``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError):
+            continue
+        if "submitit.core._submit" in cmdline and str(folder) in cmdline and "srun" not in cmdline.split()[0]:
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.parametrize("stop", ["scancel", "sigkill"])
+def test_a_stopped_running_job_is_one_line_with_its_resume_command(tmp_path, stop):
+    """`scancel` of a running job: the job saves its step (SIGTERM), the command prints one line with the
+    job id and the resume command, exits 1; that command continues the run in its folder, through SLURM.
+    A job process killed outright (SIGKILL: as an OOM kill) ends FAILED without a result: one line too."""
+    import signal
+    import subprocess as sp
+    import sys
+
+    from tests.conftest import ROOT
+
+    args = ["launcher=slurm", "phase.max_steps=400", "phase.early_stopping_patience=0", f"output_root={tmp_path}"]
+    proc = sp.Popen([sys.executable, "-m", "rlhf_exp", *args], cwd=ROOT, stdout=sp.PIPE, stderr=sp.PIPE, text=True)
+    deadline, job = time.monotonic() + 300, None
+    while time.monotonic() < deadline and job is None and proc.poll() is None:
+        for manifest in tmp_path.glob("sweeps/*/*_sft/manifest.json"):
+            metrics = manifest.parent / "metrics.jsonl"
+            if metrics.is_file() and metrics.read_text().count("\n") >= 2:
+                job = read_json(manifest)["slurm"]["job_id"]
+                if stop == "scancel":
+                    sp.run(["scancel", job], check=True, timeout=30)
+                else:
+                    for pid in job_processes(tmp_path):
+                        os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+    _, err = proc.communicate(timeout=300)
+    assert job, f"the job never logged a step: {err[-3000:]}"
+    assert proc.returncode == 1, err[-3000:]
+    (line,) = error_lines(err)
+    (folder,) = [m.parent for m in tmp_path.glob("sweeps/*/*_sft/manifest.json")]
+    what = (f"was cancelled (sacct: CANCELLED by {os.getuid()})" if stop == "scancel" else
+            f"ended without a result (sacct: FAILED; its log: .submitit/{job}/)")
+    assert line == (f"rlhf_exp: error: SLURM job {job} {what}; continue its run from its last checkpoint with: "
+                    f"python -m rlhf_exp resume={folder}"), line
+    assert "Traceback" not in err and "UncompletedJobError" not in err
+    if stop == "sigkill":
+        return
+    assert read_json(folder / "manifest.json")["status"] == "interrupted"
+    resumed = run_cli([f"resume={folder}"], timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    manifest = read_json(folder / "manifest.json")
+    assert manifest["status"] == "succeeded" and len(manifest["resumed_at"]) == 1, manifest
+    assert read_json(folder / "summary.json")["metrics"]["steps"] == 400
+
+
+def run_with_parent_broken_after_submission(args: list[str], sft_run: Path, tmp_path: Path):
+    """``python -m rlhf_exp ARGS phase.sft_run=<copy of sft_run>`` submitted held (sbatch --hold: the launch
+    checks pass), the copy's weights deleted, then the jobs released: they fail inside SLURM."""
+    import subprocess as sp
+    import sys
+
+    from tests.conftest import ROOT
+
+    broken = tmp_path / "broken_sft"
+    shutil.copytree(sft_run, broken)
+    manifest = read_json(broken / "manifest.json")
+    manifest["checkpoint"] = str(broken / "checkpoints" / "final")
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    proc = sp.Popen([sys.executable, "-m", "rlhf_exp", *args, f"phase.sft_run={broken}",
+                     "+launcher.additional_parameters.hold=true"], cwd=ROOT, stdout=sp.PIPE, stderr=sp.PIPE, text=True)
+    deadline, held = time.monotonic() + 120, []
+    while time.monotonic() < deadline and not held and proc.poll() is None:
+        time.sleep(0.5)
+        held = [line.split()[0] for line in queued().splitlines() if line.endswith("JobHeldUser")]
+    assert held, proc.communicate(timeout=60)
+    (broken / "checkpoints" / "final" / "model.safetensors").unlink()
+    for job in held:
+        sp.run(["scontrol", "release", job.split("_")[0]], check=True, timeout=30)
+    out, err = proc.communicate(timeout=600)
+    return sp.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_a_failed_job_is_failed_in_sacct_with_a_clean_log(tmp_path, sft_run):
+    """A run that fails inside its SLURM job exits 1 (sacct: FAILED), after submitit saved its result (the
+    command reports it instead of waiting), and the job log holds our error, not submitit's traceback."""
+    proc = run_with_parent_broken_after_submission(["launcher=slurm", "phase=dpo", f"output_root={tmp_path / 'out'}"],
+                                                   sft_run, tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "1 of 1 sweep jobs failed" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    sweep, (job,) = sweep_jobs(tmp_path / "out", "dpo")
+    (slurm_job,) = [p.name for p in (sweep / ".submitit").iterdir() if p.name[0].isdigit()]
+    accounted = subprocess.run(["sacct", "-j", slurm_job, "-X", "-n", "-P", "-o", "State,ExitCode"],
+                               capture_output=True, text=True, check=True, timeout=30)
+    assert accounted.stdout.split() == ["FAILED|1:0"], accounted.stdout
+    log = "".join(p.read_text() for p in sweep.glob(".submitit/*/*_log.err"))
+    assert f"rlhf_exp: error: sweep job {job.name} failed" in log and "Submitted job triggered an exception" not in log, log

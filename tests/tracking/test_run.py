@@ -99,6 +99,8 @@ def test_parent_whose_checkpoint_is_gone_is_refused(compose, tmp_path):
 
 def test_parent_given_by_run_id_or_folder(compose, tmp_path):
     folder = fake_run(tmp_path, "abc_sft", "sft")
+    (folder / "checkpoints" / "final" / "config.json").write_text("{}")  # what the parent check reads: a config
+    (folder / "checkpoints" / "final" / "model.safetensors").write_bytes(b"\x02" + bytes(7) + b"{}")  # and weights
     assert resolve_run("abc_sft", tmp_path, "sft", "sft_run")["path"] == str(folder.resolve())
     assert resolve_run(str(folder), tmp_path, "sft", "sft_run")["run_id"] == "abc_sft"
     parents = resolve_parents(compose(["phase=dpo", f"output_root={tmp_path}", "phase.sft_run=abc_sft"]))
