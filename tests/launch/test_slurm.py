@@ -183,7 +183,9 @@ def test_a_job_gets_the_cpus_and_memory_of_its_hardware_preset(tmp_path):
                                capture_output=True, text=True, check=True, timeout=30)
     assert accounted.stdout.split() == ["2|1G"], accounted.stdout
     if "OMP_NUM_THREADS" not in os.environ:  # (an exported one is the user's choice, and wins)
-        assert manifest["cpu_threads"] == 2
+        # the embedded model runs on 1 thread even with 2 CPUs allocated (rlhf_exp/launch/threads.py: intra-op
+        # threads buy nothing at its size); a larger model gets the allocation (tests/launch/test_threads.py)
+        assert manifest["cpu_threads"] == 1
 
 
 def test_a_sweep_over_hardware_is_refused_before_anything_is_submitted(tmp_path):
