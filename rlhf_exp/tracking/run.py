@@ -53,13 +53,19 @@ def write_text_atomic(path: Path, text: str) -> None:
     """``path`` holds either its old content or all of ``text``, never a part: written to a temporary file beside
     it, flushed to disk, then renamed over it. A failed write (a full disk) removes the temporary file and leaves
     ``path`` as it was."""
+    import tempfile
+
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    # a temporary file of this process's own: two processes writing the same file (a worker recording its error
+    # while rank 0 closes the run) must not write into one temporary file; the last rename wins, whole
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(name)
     try:
-        with open(tmp, "w") as f:
+        with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
