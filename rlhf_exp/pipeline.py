@@ -21,7 +21,9 @@ alone.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -122,8 +124,6 @@ def _identity(cfg: DictConfig, overrides: list[str]) -> str:
     kept = sorted(o for o in overrides if _key(o) not in ("hydra.run.dir", "resume", "dry_run"))
     blob = json.dumps({"pipeline": OmegaConf.to_container(cfg.pipeline, resolve=True), "overrides": kept},
                       sort_keys=True, default=str)
-    import hashlib
-
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -143,8 +143,6 @@ def _stop_with_parent() -> None:
     """In the phase's process, before it runs: the kernel sends it SIGTERM when the pipeline process dies (Linux
     PR_SET_PDEATHSIG), so a pipeline killed with SIGKILL leaves no phase running on; the phase checkpoints."""
     import ctypes
-    import signal
-
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG = 1
     except OSError:
@@ -160,14 +158,10 @@ class _Forward:
         self.received: int | None = None
 
     def __enter__(self):
-        import signal
-
         self._old = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)}
         return self
 
     def _handle(self, signum, frame) -> None:
-        import signal
-
         first = self.received is None
         self.received = self.received or signum
         if self.child is not None and self.child.poll() is None:
@@ -177,8 +171,6 @@ class _Forward:
                       f"{self.child.pid}); it saves a checkpoint and stops", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc) -> None:
-        import signal
-
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
 
@@ -235,8 +227,6 @@ def run(cfg: DictConfig, overrides: list[str], run_dir: Path | None = None) -> P
     print(table(rows))
     print(f"rlhf_exp: pipeline folder {root} (pipeline_summary.json)")
     if status == "interrupted":
-        import signal
-
         print(f"rlhf_exp: pipeline stopped by {signal.Signals(forward.received).name} during {rows_stopped(rows)}; "
               f"continue it with: {resume_command}", file=sys.stderr)
         sys.exit(128 + int(forward.received))
