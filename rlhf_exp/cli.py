@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -298,6 +299,8 @@ def run_job(cfg: DictConfig):
 
             print_plan(cfg)
             return float("nan") if multirun else None
+        if cfg.get("pipeline") is not None:  # the pipeline's SLURM job: the chain runs here
+            return _pipeline_job(cfg, run_dir)
         distributed.from_submitit()  # one of several SLURM tasks: torch.distributed variables from SLURM's
         resume = (run_dir / "manifest.json").exists() and resumable(cfg, run_dir)
         # one live process per run folder: the launching process (SLURM's rank 0 task) holds its lock
@@ -407,34 +410,130 @@ def execute(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
         GUARD.uninstall()
 
 
-def _pipeline(cfgs: list[DictConfig], flags) -> None:
+PIPELINE_ROOT: Path | None = None  # a pipeline submitted to SLURM from this process: its folder
+
+
+def _pipeline(cfgs: list[DictConfig], flags, argv: list[str]) -> list[str] | None:
+    """``pipeline=...``: checks every phase, then runs the pipeline here (returns None), or, with launcher=slurm,
+    returns the command line that submits it as one job (a one-job sweep into the pipeline's folder)."""
     from rlhf_exp import pipeline
 
     if flags.multirun:
         raise ConfigError("pipeline=... runs its phases itself; sweeping whole pipelines with -m is not supported yet")
-    if cfgs[0].launcher.name != "local":
-        raise ConfigError(f"pipeline=... runs its phases on this machine; launcher={cfgs[0].launcher.name} is not "
-                          "supported for pipelines yet: submit the phases one by one (python -m rlhf_exp phase=...)")
     cfg = cfgs[0]
+    if cfg.launcher.name not in ("local", "slurm"):
+        raise ConfigError(f"pipeline=... runs on this machine (launcher=local) or in one SLURM job (launcher=slurm); "
+                          f"launcher={cfg.launcher.name} is not supported for pipelines: submit the phases one by one "
+                          "(python -m rlhf_exp phase=...)")
+    if cfg.launcher.name == "slurm" and int(cfg.hardware.num_nodes) > 1:
+        raise ConfigError(f"pipeline=... launcher=slurm runs the whole chain in one job on one node, and "
+                          f"hardware={cfg.hardware.name} spans hardware.num_nodes={cfg.hardware.num_nodes}: use a "
+                          "one-node preset (e.g. hardware=a100x8), or submit the phases one by one (python -m rlhf_exp "
+                          "phase=... launcher=slurm)")
     pipeline.check(cfg, flags.overrides)
-    own = ("dry_run", "hydra.run.dir", "resume")  # the pipeline's, not its phases'
-    common = pipeline.common_overrides([o for o in flags.overrides if o.split("=", 1)[0] not in own])
+    common = pipeline.common_overrides([o for o in flags.overrides if not pipeline._own(o)])
     run_dir = _explicit_run_dir(flags.overrides, cfg)
     check_writable(Path(str(cfg.output_root)), "output_root")
     if run_dir is not None:
         check_writable(run_dir, "hydra.run.dir")
+        pipeline.check_free(run_dir)
     # each phase's launch checks, before the pipeline's folder exists (a dry run refuses alike); the
     # parents are the pipeline's own earlier phases
     plan([compose(pipeline.phase_args(cfg, phase, common, None)) for phase in cfg.pipeline.phases],
          dry_run=cfg.dry_run, parents=False)
+    slurm = cfg.launcher.name == "slurm"
     if cfg.dry_run:
         where = run_dir or Path(str(cfg.output_root)) / "pipelines" / f"<time>_{cfg.pipeline.name}"
+        if slurm:  # the folder the submission would use now
+            where, continuing = pipeline._folder(cfg, flags.overrides, run_dir)
         print(f"pipeline folder: {where} (an unfinished run of this same pipeline under output_root is continued)")
+        if slurm:
+            from rlhf_exp.launch.slurm import compose_sbatch_script
+
+            root = Path(where).resolve()
+            print("one SLURM job runs the whole chain, each phase with launcher=local on the job's node; its script:")
+            print(compose_sbatch_script([*_hydra_pipeline_args(flags.overrides),
+                                         *pipeline.submission_overrides(cfg, root.resolve())]))
         for phase in cfg.pipeline.phases:
-            print("python -m rlhf_exp " + " ".join(pipeline.phase_args(cfg, phase, common, None)))
-        print("dry run: every phase composed and checked; nothing loaded, nothing trained.")
+            local = [o for o in common if not pipeline._launcher(o)] + (["launcher=local"] if slurm else [])
+            print("python -m rlhf_exp " + " ".join(pipeline.phase_args(cfg, phase, local, None)))
+        print("dry run: every phase composed and checked; nothing loaded, nothing trained"
+              + (", nothing submitted." if slurm else "."))
+        return None
+    if not slurm:
+        pipeline.run(cfg, flags.overrides, run_dir)
+        return None
+    global PIPELINE_ROOT
+    root, continuing = pipeline._folder(cfg, flags.overrides, run_dir)
+    root = root.resolve()
+    pipeline.check_free(root)
+    from rlhf_exp.launch.slurm_wait import install
+
+    install(cfg.launcher.get("pending_timeout_min"))
+    PIPELINE_ROOT = root
+    print(f"rlhf_exp: pipeline {cfg.pipeline.name}: one SLURM job runs the chain in {root}"
+          + (" (continuing it)" if continuing else ""), file=sys.stderr, flush=True)
+    return [*_add_overrides(_hydra_pipeline_args(argv), pipeline.submission_overrides(cfg, root)), "--multirun"]
+
+
+def _hydra_pipeline_args(argv: list[str]) -> list[str]:
+    """The command line as Hydra's job receives it: ``pipeline.<phase>.<key>`` values are additions to the phase's
+    free-form settings (``+``), as compose() makes them; hydra.run.dir and resume belong to the login node."""
+    return [f"+{a}" if re.match(r"pipeline\.\w+\.\w", a) else a for a in argv
+            if a.split("=", 1)[0] not in ("hydra.run.dir", "resume")]
+
+
+def _pipeline_job(cfg: DictConfig, run_dir: Path):
+    """The pipeline's SLURM job (launcher=slurm): runs the chain here, its phases with launcher=local. A stop
+    (USR2 before the time limit or on preemption; SIGTERM on requeue or scancel) reaches the running phase, which
+    checkpoints; then, as a single run does, USR2 goes on to submitit's handler (requeue: the same job continues
+    the pipeline in its folder) and SIGTERM ends the job without a result. A failed phase fails the job
+    (sacct: FAILED) after its result is saved; the submitting command reports it."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from rlhf_exp import pipeline
+    from rlhf_exp.launch.slurm import fail_job_at_exit
+
+    overrides = [str(o) for o in HydraConfig.get().overrides.task]
+    root, status, received = pipeline.run(cfg, overrides, run_dir, in_job=True)
+    if received is not None:
+        previous = signal.getsignal(received)
+        then = ("the job requeues itself and continues the pipeline there" if received == signal.SIGUSR2 else
+                "a requeued job continues the pipeline there; a cancelled one with: python -m rlhf_exp resume=" + str(root))
+        print(f"rlhf_exp: pipeline stopped by {signal.Signals(received).name}, its running phase checkpointed: {then}",
+              file=sys.stderr, flush=True)
+        if received == signal.SIGUSR2 and callable(previous):
+            previous(received, None)  # submitit: resubmit this Hydra job, `scontrol requeue`, exit
+        os._exit(128 + int(received))  # no result: the submitting command waits for the requeued job
+    if status != "succeeded":
+        fail_job_at_exit()
+        return float("nan")
+    return 0.0
+
+
+def _exit_status_of_pipeline() -> None:
+    """After the pipeline's SLURM job: its table, and status 1 unless it succeeded (a cancelled job was already
+    reported in one line with the resume command)."""
+    from rlhf_exp import pipeline
+    from rlhf_exp.launch.slurm_wait import REPORTED
+
+    if PIPELINE_ROOT is None:
         return
-    pipeline.run(cfg, flags.overrides, run_dir)
+    summary = pipeline._read(PIPELINE_ROOT / "pipeline_summary.json")
+    manifest = pipeline._read(PIPELINE_ROOT / pipeline.MANIFEST) or {}
+    if str(PIPELINE_ROOT) in REPORTED:
+        sys.exit(1)
+    if summary is None or manifest.get("status") != "succeeded":
+        rows = (summary or {}).get("phases", [])
+        if rows:
+            print(pipeline.table(rows))
+        print(f"rlhf_exp: error: pipeline {manifest.get('status', 'not started')}"
+              + (f" at phase {pipeline.rows_stopped(rows)}" if rows else "")
+              + f" (its job's log: {PIPELINE_ROOT}/.submitit/); fix it, then continue with: "
+                f"python -m rlhf_exp resume={PIPELINE_ROOT}", file=sys.stderr)
+        sys.exit(1)
+    print(pipeline.table(summary["phases"]))
+    print(f"rlhf_exp: pipeline folder {PIPELINE_ROOT} (pipeline_summary.json)")
 
 
 def print_result(phase: str, run_dir: Path, metrics: dict) -> None:
@@ -529,52 +628,11 @@ def main(argv: list[str] | None = None) -> None:
                 common_overrides(flags.overrides)  # phase settings under a pipeline: say where they go
             cfgs = preflight(flags.overrides, multirun=flags.multirun, check_rules=flags.cfg is None)
             if flags.cfg is None and cfgs[0].pipeline is not None:
-                _pipeline(cfgs, flags)
+                argv = _pipeline(cfgs, flags, argv)  # None: it ran here (or was a dry run)
+            else:
+                argv = _prepare_launch(argv, flags, cfgs)  # None: a dry run, done
+            if argv is None:
                 return
-            if flags.cfg is None:
-                # before Hydra writes anything (.hydra/ included): folders writable, an existing run folder this
-                # run's and free; a dry run refuses alike
-                if flags.multirun:
-                    for output_root in sorted({str(cfg.output_root) for cfg in cfgs}):
-                        check_writable(Path(output_root), "output_root")
-                else:
-                    check_before_launch(cfgs[0], _explicit_run_dir(flags.overrides, cfgs[0]))
-            dry_run = any(cfg.dry_run for cfg in cfgs)
-            if flags.cfg is None and dry_run and not flags.multirun:
-                _dry_run(cfgs, flags.overrides)
-                return
-            if flags.cfg is None:  # the real command's checks, for a dry run too (it must refuse alike)
-                argv = _add_overrides(argv, plan(cfgs, dry_run=dry_run, sweep=flags.overrides if flags.multirun else None))
-            if flags.multirun and dry_run and cfgs[0].launcher.name != "local":
-                # a dry run prints each job's plan here and submits nothing
-                print(f"rlhf_exp: dry run: plans printed here; nothing is submitted to launcher={cfgs[0].launcher.name}",
-                      file=sys.stderr)
-                if cfgs[0].launcher.name == "slurm":
-                    _print_sweep_script(flags.overrides)
-                argv = _add_overrides([a for a in argv if not a.startswith("launcher=")], ["launcher=local"])
-            if flags.multirun and all(cfg.dry_run for cfg in cfgs):
-                if any(a.startswith("hydra/sweeper=optuna") for a in argv):
-                    print("rlhf_exp: dry run: an Optuna search picks its trials from results as they come, so there is "
-                          "no plan to print; both ends of every interval were composed and checked.")
-                    return
-                # Hydra makes a folder per job even for a dry run: let it make them where they vanish
-                dry_dir = tempfile.mkdtemp(prefix="rlhf_exp_dry_run_")
-                atexit.register(shutil.rmtree, dry_dir, ignore_errors=True)
-                argv = _add_overrides(argv, [f"hydra.sweep.dir={dry_dir}"])
-            if flags.cfg is None and not flags.multirun and cfgs[0].launcher.name != "local":
-                # Hydra hands jobs to a launcher only under --multirun: a single job is a one-job sweep
-                print(f"rlhf_exp: launcher={cfgs[0].launcher.name} submits through Hydra's multirun: this run is a "
-                      f"one-job sweep under {cfgs[0].output_root}/sweeps/", file=sys.stderr)
-                argv.append("--multirun")
-            if flags.cfg is None and not dry_run and cfgs[0].launcher.name == "slurm":
-                from rlhf_exp.launch.slurm_wait import install
-
-                # sbatch refusals and hopeless pending reasons in one line (exit 2), scancel with its resume command
-                install(cfgs[0].launcher.get("pending_timeout_min"))
-                run_dirs = [o.split("=", 1)[1] for o in flags.overrides if o.startswith("hydra.run.dir=")]
-                if run_dirs and not flags.multirun:  # resume=<run folder>: the one-job sweep runs in that folder
-                    run_dir = Path(run_dirs[-1])
-                    argv = _add_overrides(argv, [f"hydra.sweep.dir={run_dir.parent}", f"hydra.sweep.subdir={run_dir.name}"])
         except ConfigError as exc:
             fail(str(exc))
 
@@ -588,6 +646,57 @@ def main(argv: list[str] | None = None) -> None:
     _scrub_hydra_logs()
     _app()
     _exit_status_of_sweep()
+    _exit_status_of_pipeline()
+
+
+def _prepare_launch(argv: list[str], flags, cfgs: list[DictConfig]) -> list[str] | None:
+    """A single run's or a sweep's checks before Hydra starts, and the command line Hydra gets (None: a dry run,
+    done here)."""
+    if flags.cfg is None:
+        # before Hydra writes anything (.hydra/ included): folders writable, an existing run folder this
+        # run's and free; a dry run refuses alike
+        if flags.multirun:
+            for output_root in sorted({str(cfg.output_root) for cfg in cfgs}):
+                check_writable(Path(output_root), "output_root")
+        else:
+            check_before_launch(cfgs[0], _explicit_run_dir(flags.overrides, cfgs[0]))
+    dry_run = any(cfg.dry_run for cfg in cfgs)
+    if flags.cfg is None and dry_run and not flags.multirun:
+        _dry_run(cfgs, flags.overrides)
+        return None
+    if flags.cfg is None:  # the real command's checks, for a dry run too (it must refuse alike)
+        argv = _add_overrides(argv, plan(cfgs, dry_run=dry_run, sweep=flags.overrides if flags.multirun else None))
+    if flags.multirun and dry_run and cfgs[0].launcher.name != "local":
+        # a dry run prints each job's plan here and submits nothing
+        print(f"rlhf_exp: dry run: plans printed here; nothing is submitted to launcher={cfgs[0].launcher.name}",
+              file=sys.stderr)
+        if cfgs[0].launcher.name == "slurm":
+            _print_sweep_script(flags.overrides)
+        argv = _add_overrides([a for a in argv if not a.startswith("launcher=")], ["launcher=local"])
+    if flags.multirun and all(cfg.dry_run for cfg in cfgs):
+        if any(a.startswith("hydra/sweeper=optuna") for a in argv):
+            print("rlhf_exp: dry run: an Optuna search picks its trials from results as they come, so there is "
+                  "no plan to print; both ends of every interval were composed and checked.")
+            return None
+        # Hydra makes a folder per job even for a dry run: let it make them where they vanish
+        dry_dir = tempfile.mkdtemp(prefix="rlhf_exp_dry_run_")
+        atexit.register(shutil.rmtree, dry_dir, ignore_errors=True)
+        argv = _add_overrides(argv, [f"hydra.sweep.dir={dry_dir}"])
+    if flags.cfg is None and not flags.multirun and cfgs[0].launcher.name != "local":
+        # Hydra hands jobs to a launcher only under --multirun: a single job is a one-job sweep
+        print(f"rlhf_exp: launcher={cfgs[0].launcher.name} submits through Hydra's multirun: this run is a "
+              f"one-job sweep under {cfgs[0].output_root}/sweeps/", file=sys.stderr)
+        argv.append("--multirun")
+    if flags.cfg is None and not dry_run and cfgs[0].launcher.name == "slurm":
+        from rlhf_exp.launch.slurm_wait import install
+
+        # sbatch refusals and hopeless pending reasons in one line (exit 2), scancel with its resume command
+        install(cfgs[0].launcher.get("pending_timeout_min"))
+        run_dirs = [o.split("=", 1)[1] for o in flags.overrides if o.startswith("hydra.run.dir=")]
+        if run_dirs and not flags.multirun:  # resume=<run folder>: the one-job sweep runs in that folder
+            run_dir = Path(run_dirs[-1])
+            argv = _add_overrides(argv, [f"hydra.sweep.dir={run_dir.parent}", f"hydra.sweep.subdir={run_dir.name}"])
+    return argv
 
 
 def _explicit_run_dir(overrides: list[str], cfg: DictConfig) -> Path | None:

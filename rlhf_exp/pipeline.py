@@ -16,6 +16,11 @@ to the pipeline is passed to the running phase, which saves a checkpoint and sto
 to resume, in one line. The phase runs in its own process group (a terminal's Ctrl-C reaches the pipeline only)
 and is told by the kernel to stop (SIGTERM) if the pipeline process dies, even by SIGKILL: no phase runs on
 alone.
+
+On SLURM (``launcher=slurm``): the whole chain runs in one allocation, one job whose single task runs this
+same pipeline with ``launcher=local`` phases on the job's node (:func:`submission_overrides`); see
+docs/slurm-sizing.md, "Pipelines". The job is the pipeline folder's one live process (its lock); a requeued or
+resubmitted job continues the pipeline there as above.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -31,6 +37,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from rlhf_exp.config.errors import ConfigError
+from rlhf_exp.tracking.folder import RunLock, busy_message, read_owner, stale_reason
 from rlhf_exp.tracking.lineage import PARENTS
 from rlhf_exp.tracking.run import write_json_atomic
 
@@ -45,6 +52,20 @@ COLUMNS = {
 
 def _key(override: str) -> str:
     return override.lstrip("+~").split("=", 1)[0]
+
+
+# the pipeline's own overrides, not its phases' (hydra.*: where the pipeline itself runs)
+OWN = ("dry_run", "resume")
+
+
+def _own(override: str) -> bool:
+    key = _key(override)
+    return key in OWN or key == "hydra" or key.startswith("hydra.")
+
+
+def _launcher(override: str) -> bool:
+    key = _key(override)
+    return key == "launcher" or key.startswith("launcher.")
 
 
 def _value(value) -> str:
@@ -121,7 +142,7 @@ def _folder(cfg: DictConfig, overrides: list[str], run_dir: Path | None) -> tupl
 
 def _identity(cfg: DictConfig, overrides: list[str]) -> str:
     """What makes two pipeline commands the same pipeline: its phases' settings and the common overrides."""
-    kept = sorted(o for o in overrides if _key(o) not in ("hydra.run.dir", "resume", "dry_run"))
+    kept = sorted(o.lstrip("+") for o in overrides if not _own(o))
     blob = json.dumps({"pipeline": OmegaConf.to_container(cfg.pipeline, resolve=True), "overrides": kept},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -175,17 +196,60 @@ class _Forward:
             signal.signal(sig, handler)
 
 
-def run(cfg: DictConfig, overrides: list[str], run_dir: Path | None = None) -> Path:
+def run(cfg: DictConfig, overrides: list[str], run_dir: Path | None = None, *, in_job: bool = False):
+    """Run (or continue) the pipeline. Locally: prints the table and exits non-zero unless every phase succeeded.
+    ``in_job`` (the pipeline's SLURM job, launcher=slurm): the phases run with launcher=local on this node, and the
+    outcome is returned as ``(folder, status, signal received or None)`` for the job to hand over."""
     check(cfg, overrides)
-    common = common_overrides([o for o in overrides if _key(o) not in ("hydra.run.dir", "resume")])
+    common = common_overrides([o for o in overrides if not _own(o) and not (in_job and _launcher(o))])
+    if in_job:
+        common.append("launcher=local")
     root, continuing = _folder(cfg, overrides, run_dir)
     root.mkdir(parents=True, exist_ok=True)
     root = root.resolve()
+    lock = RunLock(root).acquire()  # one live process per pipeline folder (a double submit, a second terminal)
+    try:
+        return _run(cfg, overrides, root, continuing, common, in_job)
+    finally:
+        lock.release()
+
+
+def check_free(root: Path) -> None:
+    """Before a pipeline is launched or submitted into ``root``: no live process holds it."""
+    owner = read_owner(root)
+    if owner is not None and stale_reason(owner) is None:
+        raise ConfigError(busy_message(root, owner))
+
+
+def submission_overrides(cfg: DictConfig, root: Path) -> list[str]:
+    """Hydra overrides that submit the pipeline as one SLURM job: its folder is the pipeline folder (the one-job
+    sweep's folder, and submitit's logs in its .submitit/), one task on one node holding every CPU and GPU the
+    hardware preset gives its processes (the phases start their own processes there, as on one machine), named
+    after the pipeline."""
+    per_task, processes = cfg.launcher.cpus_per_task, int(cfg.hardware.num_processes)
+    cpus = int(per_task or 1) * processes if per_task is not None or processes > 1 else None  # null: SLURM's default
+    return [f"hydra.sweep.dir={root}", "hydra.sweep.subdir=.", "hydra.launcher.tasks_per_node=1",
+            *([f"hydra.launcher.cpus_per_task={cpus}"] if cpus is not None else []),
+            f"hydra.launcher.name=rlhf_exp_pipeline_{cfg.pipeline.name}",
+            f"hydra.launcher.submitit_folder={root}/.submitit/%j"]
+
+
+def _phase_env(in_job: bool) -> dict | None:
+    """A phase inside the pipeline's SLURM job runs as a local run: submitit's variables stay with the job's
+    own process (the one submitit requeues); SLURM's stay (the allocation's CPUs, the job id in manifests)."""
+    if not in_job:
+        return None
+    return {k: v for k, v in os.environ.items() if not k.startswith("SUBMITIT_")}
+
+
+def _run(cfg: DictConfig, overrides: list[str], root: Path, continuing: bool, common: list[str], in_job: bool):
     resume_command = f"python -m rlhf_exp resume={root}"
     manifest = _read(root / MANIFEST) or {"pipeline": str(cfg.pipeline.name), "identity": _identity(cfg, overrides),
-                                           "overrides": [o for o in overrides if _key(o) not in ("hydra.run.dir", "resume")],
+                                           "overrides": [o for o in overrides if not _own(o)],
                                            "phases": list(cfg.pipeline.phases), "attempts": 0}
     manifest.update(status="running", resume_command=resume_command, attempts=int(manifest.get("attempts", 0)) + 1)
+    if os.environ.get("SLURM_JOB_ID"):
+        manifest["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
     write_json_atomic(root / MANIFEST, manifest)
     if continuing:
         print(f"rlhf_exp: pipeline {cfg.pipeline.name}: continuing {root}", file=sys.stderr, flush=True)
@@ -201,7 +265,8 @@ def run(cfg: DictConfig, overrides: list[str], run_dir: Path | None = None) -> P
                 print(f"rlhf_exp: pipeline {cfg.pipeline.name}: {phase} -> {folder}", file=sys.stderr, flush=True)
                 forward.child = subprocess.Popen([sys.executable, "-m", "rlhf_exp",
                                                   *phase_args(cfg, phase, common, folder)],
-                                                 start_new_session=True, preexec_fn=_stop_with_parent)
+                                                 start_new_session=True, preexec_fn=_stop_with_parent,
+                                                 env=_phase_env(in_job))
                 while True:
                     try:
                         forward.child.wait()
@@ -225,7 +290,9 @@ def run(cfg: DictConfig, overrides: list[str], run_dir: Path | None = None) -> P
         "overrides": manifest["overrides"], "phases": rows, "resume_command": None if status == "succeeded" else resume_command})
     write_json_atomic(root / MANIFEST, {**manifest, "status": status})
     print(table(rows))
-    print(f"rlhf_exp: pipeline folder {root} (pipeline_summary.json)")
+    print(f"rlhf_exp: pipeline folder {root} (pipeline_summary.json)", flush=True)
+    if in_job:
+        return root, status, forward.received
     if status == "interrupted":
         print(f"rlhf_exp: pipeline stopped by {signal.Signals(forward.received).name} during {rows_stopped(rows)}; "
               f"continue it with: {resume_command}", file=sys.stderr)

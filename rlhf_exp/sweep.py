@@ -299,14 +299,14 @@ class SweepSummary(Callback):
         self._pending: tuple[Path, DictConfig] | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if config.get("dry_run"):
+        if config.get("dry_run") or config.get("pipeline") is not None:  # a pipeline's job: pipeline_summary.json
             return
         # a failed job makes the sweeper raise, and Hydra then skips on_multirun_end: write at exit instead
         self._pending = (Path(str(config.hydra.sweep.dir)).resolve(), config)
         atexit.register(self._write_pending)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if config.get("dry_run"):
+        if config.get("dry_run") or config.get("pipeline") is not None:
             return
         self._pending = (Path(str(config.hydra.sweep.dir)).resolve(), config)
         atexit.unregister(self._write_pending)

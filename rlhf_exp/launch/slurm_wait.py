@@ -210,9 +210,12 @@ def final_states(jobs: list) -> dict[str, str]:
 
 
 def run_folder_of(sweep_dir: Path, job_id: str) -> Path | None:
-    """The run folder whose manifest records this SLURM job (``<array job>_<task>`` or a plain id)."""
+    """The run folder whose manifest records this SLURM job (``<array job>_<task>`` or a plain id); a pipeline's
+    job (its folder holds pipeline.json): the pipeline's folder, which resumes the whole chain."""
     import json
 
+    if (sweep_dir / "pipeline.json").is_file():
+        return sweep_dir
     for manifest in sweep_dir.glob("*/manifest.json"):
         try:
             slurm = json.loads(manifest.read_text()).get("slurm") or {}

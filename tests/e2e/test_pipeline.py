@@ -127,6 +127,9 @@ def test_a_stopped_or_killed_pipeline_leaves_no_phase_running_and_resumes_reusin
     assert _wait(lambda: checkpoint.is_file() or pipeline.poll() is not None), pipeline.stderr.read()[-3000:]
     (phase,) = _children(pipeline.pid)
     finished = {p: hashlib.sha256((folder / p / "manifest.json").read_bytes()).hexdigest() for p in ("sft", "rm")}
+    double = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert double.returncode == 2 and f"in use by a live run (pid {pipeline.pid}" in double.stderr, double.stderr[-2000:]
+    assert len(double.stderr.strip().splitlines()) == 1  # one line; the pipeline goes on untouched
     pipeline.kill()
     pipeline.wait()
     assert _wait(lambda: _gone(phase), timeout=120), "the PPO phase ran on after its pipeline was killed"

@@ -388,3 +388,80 @@ def test_a_failed_job_is_failed_in_sacct_with_a_clean_log(tmp_path, sft_run):
     assert accounted.stdout.split() == ["FAILED|1:0"], accounted.stdout
     log = "".join(p.read_text() for p in sweep.glob(".submitit/*/*_log.err"))
     assert f"rlhf_exp: error: sweep job {job.name} failed" in log and "Submitted job triggered an exception" not in log, log
+
+
+PIPELINE = ["pipeline=rlhf", "launcher=slurm", "pipeline.sft.max_steps=20", "pipeline.rm.max_steps=20",
+            "pipeline.ppo.max_steps=40", "pipeline.ppo.save_steps=10", "pipeline.dpo.max_steps=40",
+            "pipeline.dpo.save_steps=10"]
+
+
+def test_a_pipeline_dry_run_shows_its_one_job_and_a_multi_node_pipeline_is_refused(tmp_path):
+    """`pipeline=rlhf launcher=slurm`: one job, one task holding the preset's CPUs, the phases with launcher=local;
+    a preset over several nodes is refused in one line (exit 2), nothing written."""
+    proc = run_cli(["pipeline=rlhf", "launcher=slurm", "hardware=cpu_x2", "dry_run=true", f"output_root={tmp_path}"],
+                   timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sbatch = [line for line in proc.stdout.splitlines() if line.startswith("#SBATCH")]
+    assert "#SBATCH --ntasks-per-node=1" in sbatch and "#SBATCH --cpus-per-task=2" in sbatch, sbatch
+    assert "#SBATCH --job-name=rlhf_exp_pipeline_rlhf" in sbatch
+    phases = [line for line in proc.stdout.splitlines() if line.startswith("python -m rlhf_exp phase=")]
+    assert len(phases) == 4 and all("launcher=local" in line and "hardware=cpu_x2" in line for line in phases), phases
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+    refused = run_cli(["pipeline=rlhf", "launcher=slurm", "hardware=a100x8", "hardware.num_nodes=2",
+                       f"output_root={tmp_path}"], timeout=300)
+    assert refused.returncode == 2 and error_lines(refused.stderr) == [refused.stderr.strip()], refused.stderr
+    assert "hardware.num_nodes=2" in refused.stderr and "one node" in refused.stderr
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_a_pipeline_is_one_slurm_job_that_requeues_and_resumes(tmp_path):
+    """`pipeline=rlhf launcher=slurm` runs the chain in one job. USR2 during PPO (what SLURM sends before the
+    time limit, and on preemption): PPO saves its step, the job requeues itself and continues the pipeline
+    (SFT and RM reused, PPO from its checkpoint). `scancel` during DPO: one line with the pipeline's resume
+    command, exit 1; that command submits again and finishes the chain; PPO logged every step once."""
+    import subprocess as sp
+    import sys
+
+    from tests.conftest import ROOT, read_metrics
+
+    def progress(phase: str, key: str) -> int:
+        found = list(tmp_path.glob(f"pipelines/*/{phase}/metrics.jsonl"))
+        return found[0].read_text().count(key) if found else 0
+
+    proc = sp.Popen([sys.executable, "-m", "rlhf_exp", *PIPELINE, f"output_root={tmp_path}"], cwd=ROOT,
+                    stdout=sp.PIPE, stderr=sp.PIPE, text=True)
+    signalled: list[str] = []
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and len(signalled) < 2 and proc.poll() is None:
+        (root,) = list(tmp_path.glob("pipelines/*")) or [None]
+        job = (read_json(root / "pipeline.json").get("slurm_job_id") if root and (root / "pipeline.json").is_file()
+               else None)
+        if not signalled and job and progress("ppo", '"ppo/reward"') >= 3:
+            sp.run(["scancel", "--signal=USR2", job], check=True, timeout=30)
+            signalled.append("usr2")
+        elif signalled == ["usr2"] and job and progress("dpo", '"step"') >= 2:
+            sp.run(["scancel", job], check=True, timeout=30)
+            signalled.append("scancel")
+        time.sleep(0.2)
+    _, err = proc.communicate(timeout=300)
+    assert signalled == ["usr2", "scancel"], err[-3000:]
+    assert proc.returncode == 1, err[-3000:]
+    (root,) = list(tmp_path.glob("pipelines/*"))
+    (line,) = error_lines(err)
+    assert line.endswith(f"continue its run from its last checkpoint with: python -m rlhf_exp resume={root}"), line
+    assert "Traceback" not in err
+    resumed = run_cli([f"resume={root}"], timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    pipeline = read_json(root / "pipeline.json")
+    assert pipeline["status"] == "succeeded" and pipeline["attempts"] == 3, pipeline  # first start, requeue, resume
+    rows = read_json(root / "pipeline_summary.json")["phases"]
+    assert [(r["phase"], r["status"]) for r in rows] == [(p, "succeeded") for p in ("sft", "rm", "ppo", "dpo")]
+    for phase in ("sft", "rm"):  # trained once, reused by the requeued job and the resumed one
+        assert not read_json(root / phase / "manifest.json").get("resumed_at"), phase
+    ppo = read_json(root / "ppo" / "manifest.json")
+    (first,) = ppo["attempts"]
+    assert first["status"] == "interrupted" and first["interrupted"]["signal"] == "SIGUSR2", ppo
+    assert [r["step"] for r in read_metrics(root / "ppo") if "ppo/reward" in r] == list(range(1, 41))
+    dpo = read_json(root / "dpo" / "manifest.json")
+    assert dpo["status"] == "succeeded" and dpo["attempts"][0]["status"] == "interrupted", dpo
+    assert read_json(root / "dpo" / "summary.json")["metrics"]["steps"] == 40
