@@ -289,7 +289,20 @@ def write_summary(sweep_dir: str | Path, config: DictConfig | dict | None = None
     write_text_atomic(folder / "sweep_summary.md", f"# {headline}\n\n{table}")
     if echo:
         print(f"\nrlhf_exp: {headline}\n{table}rlhf_exp: {folder / 'sweep_summary.json'}", flush=True)
+    write_plots(folder, echo)
     return summary
+
+
+def write_plots(folder: Path, echo: bool = True) -> None:
+    """The compare plots of this sweep into <sweep>/plots/ (rlhf_exp/compare.py); a failure is one warning line,
+    never the sweep's."""
+    try:
+        from rlhf_exp.compare import write_sweep_plots
+
+        write_sweep_plots(folder, echo=echo)
+    except Exception as exc:  # (no matplotlib, a bad metrics.jsonl, ...: the summary stands)
+        first = (str(exc).splitlines() or [""])[0][:200]
+        print(f"rlhf_exp: warning: sweep plots not written ({type(exc).__name__}: {first})", file=sys.stderr, flush=True)
 
 
 class SweepSummary(Callback):

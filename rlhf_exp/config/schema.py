@@ -249,6 +249,10 @@ class SyntheticTask:
     num_pref_eval: int = 500
     # probability that an annotator's choice agrees with the gold ranking (InstructGPT reports ~72%)
     annotator_agreement: float = 0.72
+    # simulated annotators labelling each pair (n > 1: every pair carries n labels for agreement statistics,
+    # python -m rlhf_exp.data check; the training label stays the first annotator's, so the data trained on
+    # do not change with n)
+    num_annotators: int = 1
     # drop pairs whose two answers have equal gold (annotators pick at random on them)
     drop_ties: bool = True
     # held-out prompts scored with the gold reward (greedy decoding) after each policy phase
@@ -414,6 +418,13 @@ class PPOPhaseConfig(PhaseConfig):
     missing_eos_penalty: Optional[float] = None
     normalize_reward: bool = True
     reward_clip: Optional[float] = 10.0
+    # phase.eval_steps (above): every N steps (and at the last) greedy answers to this many held-out prompts give
+    # eval/* in metrics.jsonl (gold, RM score, KL to the reference, length, entropy, distinct-1/2)
+    eval_num_prompts: int = 64
+    # the checkpoint kept as "best" follows held-out gold where a gold reward exists, else the held-out RM score
+    # among evaluations whose held-out KL is at most this (null: 2 x kl_target); only checkpoints saved at an
+    # evaluated step take part (align phase.save_steps with phase.eval_steps)
+    best_kl_max: Optional[float] = None
 
 
 # ------------------------------------------------------------------------ hardware

@@ -117,6 +117,9 @@ def validate(cfg: DictConfig) -> None:
               f"phase.ppo_epochs must be >= 1 and phase.num_mini_batches in [1, phase.rollout_batch_size="
               f"{phase.rollout_batch_size}]")
         check(phase.target_kl is None or phase.target_kl > 0, "phase.target_kl must be > 0, or null (never stop early)")
+        check(phase.eval_num_prompts >= 1, f"phase.eval_num_prompts={phase.eval_num_prompts}: must be >= 1")
+        check(phase.best_kl_max is None or phase.best_kl_max > 0,
+              f"phase.best_kl_max={phase.best_kl_max}: must be > 0, or null (2 x phase.kl_target)")
         world = cfg.hardware.num_processes * cfg.hardware.num_nodes
         check(phase.rollout_batch_size % (phase.num_mini_batches * world) == 0,
               f"phase.rollout_batch_size={phase.rollout_batch_size} must split evenly into phase.num_mini_batches="
@@ -271,6 +274,8 @@ def _synthetic_errors(cfg: DictConfig) -> list[str]:
         return [f"data.synthetic.num_digits={syn.num_digits}: must be in [2, 12]"]
     if not 0.5 < syn.annotator_agreement < 1:
         errors.append(f"data.synthetic.annotator_agreement={syn.annotator_agreement}: must be in (0.5, 1)")
+    if not 1 <= syn.get("num_annotators", 1) <= 50:
+        errors.append(f"data.synthetic.num_annotators={syn.num_annotators}: must be in [1, 50]")
     for key in ("sft_habit_fraction", "sft_noise_fraction"):
         if not 0 <= syn[key] <= 1:
             errors.append(f"data.synthetic.{key}={syn[key]}: must be in [0, 1]")

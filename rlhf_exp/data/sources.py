@@ -22,6 +22,11 @@ Source layouts (``data.format``; source column names come from ``data.columns.<f
   prompt + chosen.
 * ``messages``: one chat list per record (SFT only).
 * ``prompt_completion``: ``prompt`` + ``completion`` (SFT only).
+* multi-annotator pairs (any preference layout above, one extra column): ``labels``, a list of each
+  annotator's pick for the pair, ``"chosen"``, ``"rejected"``, ``"tie"`` or ``null`` (not labelled by that
+  annotator); annotator i is position i in every row. Training reads chosen/rejected as they are (the data
+  set's own label, e.g. the majority's) and ignores ``labels``; ``python -m rlhf_exp.data check`` measures
+  agreement from them (percent agreement, Cohen's and Fleiss' kappa; docs/data-check.md).
 * ``auto``: one of the above, picked from the columns present: ``prompt``+``chosen``+``rejected`` is
   ``preference``, ``messages`` is ``messages``, ``prompt``+``completion`` is ``prompt_completion``, and
   ``chosen``+``rejected`` without a prompt whose values are Human:/Assistant: transcripts is ``hh``.

@@ -15,6 +15,11 @@ Design, from measurements on this task (README, "The embedded task"):
   non-tied pairs (default 0.72, as InstructGPT reports for its labellers). Ties (equal gold) are
   dropped by default, as the binarized public preference sets do: annotators pick at random on them,
   which caps any reward model's accuracy.
+* Several annotators per pair (``data.synthetic.num_annotators`` = n > 1): each pair also carries n
+  independent labels (``Pair.labels``, "chosen" or "rejected" relative to the pair as stored), drawn
+  from the same Bradley-Terry model, for agreement statistics (``python -m rlhf_exp.data check``). The
+  first annotator is the one the training label always came from, so the pairs trained on are the same
+  whatever n (bit for bit); the others are drawn from a stream of their own.
 * Held-out prompts never appear in the training splits.
 
 The same task in chat form (``data.synthetic.form=chat``, ``data=synthetic_chat``) asks in words and
@@ -47,6 +52,9 @@ class Pair:
     rejected: str | list
     gold_chosen: float
     gold_rejected: float
+    # each simulated annotator's pick, "chosen" or "rejected" (the first is the label trained on, so always
+    # "chosen"); empty with one annotator
+    labels: tuple = ()
 
 
 def prompt_text(digits: list[int]) -> str:
@@ -190,17 +198,24 @@ class SortTask:
         return pairs
 
     def preference_pairs(self, n: int, stream: str, agreement: float, drop_ties: bool,
-                         held_out: set[str]) -> list[Pair]:
+                         held_out: set[str], num_annotators: int = 1) -> list[Pair]:
         candidates = self.candidate_pairs(n, stream, held_out, drop_ties)
         temperature = bt_temperature([abs(ga - gb) for *_, ga, gb in candidates if ga != gb], agreement)
         rng = self._rng(stream + "-annotators")
+        # the other annotators draw from their own stream: the first annotator's labels (trained on) stay as they are
+        others = self._rng(stream + "-annotators-more") if num_annotators > 1 else None
         pairs = []
         for prompt, a, b, ga, gb in candidates:
             p_a = 0.5 if ga == gb else sigmoid((ga - gb) / temperature)
-            if rng.random() < p_a:
-                pairs.append(Pair(prompt, a, b, ga, gb))
+            picks_a = rng.random() < p_a
+            labels = ()
+            if others is not None:
+                labels = ("chosen", *("chosen" if (others.random() < p_a) == picks_a else "rejected"
+                                      for _ in range(num_annotators - 1)))
+            if picks_a:
+                pairs.append(Pair(prompt, a, b, ga, gb, labels))
             else:
-                pairs.append(Pair(prompt, b, a, gb, ga))
+                pairs.append(Pair(prompt, b, a, gb, ga, labels))
         return pairs
 
 
@@ -233,7 +248,8 @@ def build_task_data(syn, seed: int) -> dict:
     eval_prompts = task.eval_prompts(syn.num_eval_prompts)
     held_out = set(eval_prompts)
     sft_args = dict(habit_fraction=syn.sft_habit_fraction, noise_fraction=syn.sft_noise_fraction, held_out=held_out)
-    pref_args = dict(agreement=syn.annotator_agreement, drop_ties=syn.drop_ties, held_out=held_out)
+    pref_args = dict(agreement=syn.annotator_agreement, drop_ties=syn.drop_ties, held_out=held_out,
+                     num_annotators=getattr(syn, "num_annotators", 1))
     return {
         "sft_train": task.sft_records(syn.num_sft_train, "sft-train", **sft_args),
         "sft_eval": task.sft_records(syn.num_sft_eval, "sft-eval", **sft_args),
@@ -250,7 +266,7 @@ def chat_form(splits: dict) -> dict:
 
     def pairs(ps):
         return [Pair(chat_prompt(p.prompt), chat_answer(p.chosen), chat_answer(p.rejected), p.gold_chosen,
-                     p.gold_rejected) for p in ps]
+                     p.gold_rejected, p.labels) for p in ps]
 
     return {"sft_train": sft(splits["sft_train"]), "sft_eval": sft(splits["sft_eval"]),
             "pref_train": pairs(splits["pref_train"]), "pref_eval": pairs(splits["pref_eval"]),

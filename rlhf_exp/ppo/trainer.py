@@ -93,7 +93,7 @@ class PPOTrainer:
 
     def __init__(self, cfg, policy, critic, reward_model, tokenizer, prompts: list, reward_stats: dict | None,
                  accelerator, reference=None, gold_fn=None, policy_lr: float | None = None,
-                 prompt_ids: list[list[int]] | None = None, run_dir=None):
+                 prompt_ids: list[list[int]] | None = None, run_dir=None, eval_prompts: list | None = None):
         from rlhf_exp.ppo.engines import backend_for
 
         phase = cfg.phase
@@ -105,6 +105,12 @@ class PPOTrainer:
         self.prompt_ids = prompt_ids or [encode_prompt(tokenizer, p) for p in prompts]
         self.reward_stats = reward_stats
         self.gold_fn = gold_fn
+        # held-out prompts for phase.eval_steps (a multiple of the process count: each process takes a share)
+        self.eval_prompts = list(eval_prompts or [])[:phase.eval_num_prompts]
+        self.eval_prompts = self.eval_prompts[:len(self.eval_prompts) // accelerator.num_processes
+                                              * accelerator.num_processes]
+        self.eval_prompt_ids = [encode_prompt(tokenizer, p) for p in self.eval_prompts]
+        self.last_eval: dict[str, float] = {}
         self.seed = cfg.seed
         self.generator = torch.Generator().manual_seed(cfg.seed)  # prompt picks and mini-batch order
         self.steps_done = 0
@@ -149,20 +155,37 @@ class PPOTrainer:
         """Sample answers for ``rollout_batch_size`` prompts; with several processes each generates and
         scores its share, and the results are gathered so every process holds the whole batch, in the
         order one process would have produced it."""
-        tok, phase, acc = self.tokenizer, self.phase, self.accelerator
+        phase = self.phase
         total = phase.rollout_batch_size
         pick = torch.randint(len(self.prompts), (total,), generator=self.generator).tolist()
-        prompts = [self.prompts[i] for i in pick]
+
+        def sampler(rows: slice) -> SeededSampler:
+            return SeededSampler(phase.temperature, self.seed * 1_000_003 + self.steps_done, rows, total, self.device)
+
+        return self._roll([self.prompts[i] for i in pick], [self.prompt_ids[i] for i in pick], sampler, values=True)
+
+    @torch.no_grad()
+    def _roll(self, prompts: list, prompt_ids: list[list[int]], sampler, values: bool) -> tuple[Rollout, torch.Tensor]:
+        """Answers to ``prompts`` (sampled by ``sampler(rows)``, or greedy when it is None), scored: log-probabilities
+        and entropies under the policy, the reference's log-probabilities, the critic's values (zeros unless
+        ``values``) and the reward model's scores; each process takes its share, every process gets the whole."""
+        tok, phase, acc = self.tokenizer, self.phase, self.accelerator
+        total = len(prompts)
         share = total // self.world
         rows = slice(self.rank * share, (self.rank + 1) * share)
         # every process left-pads to the batch's longest prompt, so all share one prompt length
-        ids, attn = pad([self.prompt_ids[i] for i in pick], tok.pad_token_id, side="left")
+        ids, attn = pad(prompt_ids, tok.pad_token_id, side="left")
         ids, attn = ids[rows].to(self.device), attn[rows].to(self.device)
-        sampler = SeededSampler(phase.temperature, self.seed * 1_000_003 + self.steps_done, rows, total, self.device)
         self.policy.eval()
         # the bare model (out of DDP's wrapper) generates; sharded ones gather each layer as they reach it
-        out = sample(self.engines.bare_policy(), tok, ids, attn, sampler, phase.max_new_tokens,
-                     **self.engines.generate_kwargs)
+        if sampler is not None:
+            out = sample(self.engines.bare_policy(), tok, ids, attn, sampler(rows), phase.max_new_tokens,
+                         **self.engines.generate_kwargs)
+        else:
+            model = self.engines.bare_policy()
+            with own_generation_config(model, tok, do_sample=False, max_new_tokens=phase.max_new_tokens) as config:
+                out = model.generate(input_ids=ids, attention_mask=attn, generation_config=config,
+                                     **self.engines.generate_kwargs)
         prompt_len = ids.shape[1]
         if self.world > 1:  # processes stop generating at different lengths: pad to the longest
             longest = int(acc.gather(torch.tensor([out.shape[1]], device=self.device)).max())
@@ -174,21 +197,62 @@ class PPOTrainer:
         scored = [token_logprobs(self.policy, out[c], attn[c], prompt_len, phase.temperature) for c in chunks]
         logprobs, entropy = torch.cat([s[0] for s in scored]), torch.cat([s[1] for s in scored])
         ref_logprobs = self._reference_logprobs(out, attn, prompt_len)
-        values = torch.cat([token_values(self.critic, out[c], attn[c], prompt_len) for c in chunks])
+        if values:
+            token_vals = torch.cat([token_values(self.critic, out[c], attn[c], prompt_len) for c in chunks])
+        else:
+            token_vals = torch.zeros_like(logprobs)
         texts = tok.batch_decode(response * mask.long() + tok.pad_token_id * (1 - mask.long()), skip_special_tokens=True)
         with self.engines.frozen(self.engines.reward_model) as reward_model:
-            mine = [self.prompt_ids[i] for i in pick[rows]]
+            mine = prompt_ids[rows]
             scores = torch.cat([self._scores(reward_model, prompts[rows][c], mine[c], response[c], mask[c])
                                 for c in chunks])
-        tensors = [out, attn, mask, logprobs, ref_logprobs, values, scores, entropy]
+        tensors = [out, attn, mask, logprobs, ref_logprobs, token_vals, scores, entropy]
         if self.world > 1:
             from accelerate.utils import gather_object
 
             tensors = [acc.gather(t) for t in tensors]
             texts = gather_object(texts)
-        out, attn, mask, logprobs, ref_logprobs, values, scores, entropy = tensors
-        rollout = Rollout(out, attn, prompt_len, mask, logprobs, ref_logprobs, values, scores, prompts, texts)
+        out, attn, mask, logprobs, ref_logprobs, token_vals, scores, entropy = tensors
+        rollout = Rollout(out, attn, prompt_len, mask, logprobs, ref_logprobs, token_vals, scores, prompts, texts)
         return rollout, core.masked_mean(entropy, mask)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Held-out metrics of the policy now (``eval/*``): greedy answers to ``phase.eval_num_prompts`` held-out
+        prompts, their raw reward-model score, the sequence-level KL of those answers to the reference (summed
+        log-ratio per answer), their mean length in tokens, the policy's mean entropy on them, distinct-1/2 of
+        their tokens, and, on the embedded task, their mean gold reward (``eval/gold``; ``eval/gold_score``, logged
+        before training and after it, is the same over all data.synthetic.num_eval_prompts prompts). Every process
+        takes part (each answers its share); every process returns the same numbers."""
+        if not self.eval_prompts:
+            return {}
+        r, entropy = self._roll(self.eval_prompts, self.eval_prompt_ids, None, values=False)
+        kl = ((r.logprobs - r.ref_logprobs) * r.mask).sum(1)
+        answers = [row[m.bool()].tolist() for row, m in zip(r.input_ids[:, r.prompt_len:], r.mask)]
+        metrics = {
+            "eval/rm_score": r.scores.float().mean().item(),
+            "eval/kl": kl.mean().item(),
+            "eval/response_length": r.mask.sum(1).float().mean().item(),
+            "eval/entropy": entropy.item(),
+            "eval/distinct_1": core.distinct_n(answers, 1),
+            "eval/distinct_2": core.distinct_n(answers, 2),
+        }
+        if self.gold_fn is not None:
+            golds = [self.gold_fn(p, t) for p, t in zip(r.prompts, r.texts)]
+            metrics["eval/gold"] = sum(golds) / len(golds)
+        return metrics
+
+    def selection_metric(self, evaluation: dict[str, float]) -> float | None:
+        """What a checkpoint is kept as "best" by: held-out gold where a gold reward exists, else the held-out
+        reward-model score when the held-out KL is within phase.best_kl_max (null: 2 x kl_target); None
+        without an evaluation at that step (never the training rollouts' reward: that keeps the most
+        over-optimised policy)."""
+        if "eval/gold" in evaluation:
+            return evaluation["eval/gold"]
+        if "eval/rm_score" not in evaluation:
+            return None
+        band = self.phase.best_kl_max if self.phase.best_kl_max is not None else 2 * self.phase.kl_target
+        return evaluation["eval/rm_score"] if evaluation["eval/kl"] <= band else None
 
     def _scores(self, reward_model, prompts: list, prompt_ids: list[list[int]], response, mask) -> torch.Tensor:
         """Reward-model scores on the ids RewardTrainer trained on (``rlhf_exp.data.encode``). Chat prompts:
@@ -361,13 +425,19 @@ class PPOTrainer:
         for step in bar:
             last = self.step()
             log(last, step)
+            evaluation = {}
+            if self.phase.eval_steps and (step % self.phase.eval_steps == 0 or step == steps):
+                evaluation = self.evaluate()
+                if evaluation:
+                    log(evaluation, step)
+                    self.last_eval = {**evaluation, "step": step}
             bar.set_postfix(reward=f"{last['ppo/reward']:.3f}", kl=f"{last['ppo/kl']:.3f}", refresh=False)
             if not math.isfinite(last.get("ppo/policy_loss", 0.0)):
                 raise FloatingPointError(f"PPO policy loss is {last['ppo/policy_loss']} at step {step}")
             save, stop = GUARD.poll(save_minutes if checkpoints else None)
             if checkpoints is not None and (save or (save_steps and step % save_steps == 0)):
                 folder = checkpoints / f"checkpoint-{step}"
-                self.save_checkpoint(folder, metric=last["ppo/reward"])
+                self.save_checkpoint(folder, metric=self.selection_metric(evaluation))
                 prune(checkpoints, keep)
             if stop:
                 raise Interrupted(GUARD.signum, step, str(folder) if checkpoints is not None else None)

@@ -32,6 +32,18 @@ def _prompts(cfg: RunConfig, tokenizer, run: Run) -> tuple[list, list[list[int]]
     return [p for p, _ in prompts], [ids for _, ids in prompts], data
 
 
+def _eval_prompts(data) -> list:
+    """Held-out prompts for phase.eval_steps: the embedded task's gold prompts, else the eval split's prompts (each
+    once, in order)."""
+    import json
+
+    if data.eval_prompts:
+        return list(data.eval_prompts)
+    if data.eval is None or "prompt" not in data.eval.column_names:
+        return []
+    return list({json.dumps(p, sort_keys=True): p for p in data.eval["prompt"]}.values())
+
+
 def run(cfg: RunConfig, run: Run) -> dict:
     from accelerate import Accelerator
 
@@ -72,7 +84,7 @@ def run(cfg: RunConfig, run: Run) -> dict:
         trainer = PPOTrainer(cfg, policy, critic, reward_model, tokenizer, prompts, load_reward_stats(rm["path"]),
                              accelerator, reference=reference, gold_fn=gold_reward if data.eval_prompts else None,
                              policy_lr=learning_rate(cfg.phase, hw), prompt_ids=prompt_ids,
-                             run_dir=run.dir)
+                             run_dir=run.dir, eval_prompts=_eval_prompts(data))
     metrics: dict = {"sft_run": sft["run_id"], "reward_run": rm["run_id"]}
     record_initial_gold(cfg, trainer.engines.bare_policy(), tokenizer, data, run, metrics)
     from rlhf_exp.data.report import preview_prompts
@@ -103,10 +115,12 @@ def run(cfg: RunConfig, run: Run) -> dict:
     model, saver = trainer.engines.final_policy()  # sharded: the backend gathers the whole weights
     final_dir = save_for_next_phase(model, tokenizer, run.checkpoint_dir / "final", "policy", steps, run.run_id,
                                     trainer=saver)
-    # the best checkpoint by rollout reward stays when it is not the final policy
+    if trainer.last_eval:  # the last held-out evaluation (phase.eval_steps)
+        metrics.update({k.replace("/", "_"): v for k, v in trainer.last_eval.items() if k != "step"})
+    # the best checkpoint by a held-out signal (PPOTrainer.selection_metric) stays when it is not the final policy
     best = best_unless_final(run.checkpoint_dir / "trainer", steps)
     kept = finish_checkpoints(run, best, metric_of(best) if best else None)
     if kept is not None:
-        metrics["best_checkpoint"], metrics["best_ppo_reward"] = kept["path"], kept["metric"]
+        metrics["best_checkpoint"], metrics["best_eval_metric"] = kept["path"], kept["metric"]
     run.finish(metrics, final_dir)
     return metrics

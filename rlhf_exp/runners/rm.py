@@ -20,6 +20,7 @@ LOW_ACCURACY = 0.60
 def build(cfg: RunConfig, run: Run):
     from trl import RewardTrainer
 
+    from rlhf_exp.data.check import report_run
     from rlhf_exp.launch.trl_args import reward_config
     from rlhf_exp.models import broadcast_loading, load_reward_model, lora_config, prepare_for_adapters, upcast_trained
     from rlhf_exp.runners.common import Built, after_loading, before_loading, callbacks, phase_data, start
@@ -27,6 +28,7 @@ def build(cfg: RunConfig, run: Run):
     hw = cfg.hardware
     sft, tokenizer = start(cfg, run)
     data = phase_data(cfg, tokenizer, preferences=True, run=run)
+    report_run(cfg, run, tokenizer)  # the data checks (python -m rlhf_exp.data check) into the summary
     # the config before the model: under ZeRO-3 it then loads partitioned (see trl_args)
     args = reward_config(cfg, run.dir, has_eval=data.eval is not None)
     before_loading(cfg, run, args)

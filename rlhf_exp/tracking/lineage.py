@@ -30,7 +30,9 @@ PARENTS: dict[str, list[tuple[str, str]]] = {
 }
 # data settings that only shape preference pairs: an SFT parent is the same whatever they are
 PREFERENCE_ONLY = ("pref_train_split", "pref_eval_split", "synthetic.num_pref_train", "synthetic.num_pref_eval",
-                   "synthetic.annotator_agreement", "synthetic.drop_ties")
+                   "synthetic.annotator_agreement", "synthetic.drop_ties",
+                   # extra simulated annotators add labels for agreement statistics; the pairs trained on are the same
+                   "synthetic.num_annotators")
 
 
 def _digest(obj) -> str:
