@@ -196,7 +196,7 @@ def _check_sweep(overrides: list[str], cfg: DictConfig) -> None:
             raise ConfigError(f"{o.input_line}: a sweep runs through one launcher, which Hydra picks from the command "
                               "without its swept values (so launcher=local here): give one launcher=..., and run one "
                               "sweep per launcher")
-    if cfg.launcher.name not in ("slurm", "submitit_local"):
+    if cfg.launcher.name not in ("slurm", "submitit_local", "parallel"):
         return
     choices = []
     for o in swept:
@@ -687,6 +687,13 @@ def _prepare_launch(argv: list[str], flags, cfgs: list[DictConfig]) -> list[str]
         print(f"rlhf_exp: launcher={cfgs[0].launcher.name} submits through Hydra's multirun: this run is a "
               f"one-job sweep under {cfgs[0].output_root}/sweeps/", file=sys.stderr)
         argv.append("--multirun")
+    if flags.cfg is None and not dry_run and cfgs[0].launcher.name == "parallel":
+        from rlhf_exp.config.schema import _parallel_jobs
+        from rlhf_exp.launch.threads import share_cpus
+
+        jobs = _parallel_jobs(cfgs[0].launcher.parallel_jobs)
+        share = share_cpus(jobs)
+        print(f"rlhf_exp: launcher=parallel: {jobs} jobs at once on this machine, {share} CPU(s) each", file=sys.stderr)
     if flags.cfg is None and not dry_run and cfgs[0].launcher.name == "slurm":
         from rlhf_exp.launch.slurm_wait import install
 

@@ -228,13 +228,92 @@ def _ppo_series(row: dict[str, Any], name: str) -> dict[str, Any] | None:
         return None
     gold = [_number(r.get("ppo/gold_reward")) for r in steps]
     evals = [(r["step"], r["eval/gold_score"]) for r in records if _number(r.get("eval/gold_score")) is not None]
+    # held-out greedy gold during training (phase.eval_steps), placed at the rollouts' KL of the same step
+    kl_at = {r["step"]: float(r["ppo/kl"]) for r in steps}
+    held = [(r["step"], float(r["eval/gold"]), kl_at[r["step"]]) for r in records
+            if _number(r.get("eval/gold")) is not None and r.get("step") in kl_at]
     return {"run_id": row["run_id"], "label": name,
             "step": [r["step"] for r in steps],
             "kl": [float(r["ppo/kl"]) for r in steps],
             "sqrt_kl": [signed_sqrt(float(r["ppo/kl"])) for r in steps],
             "reward": [float(r["ppo/reward"]) for r in steps],
             "gold": gold if any(g is not None for g in gold) else None,
-            "eval_gold": {"step": [s for s, _ in evals], "gold_score": [g for _, g in evals]}}
+            "eval_gold": {"step": [s for s, _ in evals], "gold_score": [g for _, g in evals]},
+            "held_out": {"step": [s for s, _, _ in held], "gold": [g for _, g, _ in held], "kl": [k for _, _, k in held],
+                         "sqrt_kl": [signed_sqrt(k) for _, _, k in held]},
+            "gold_initial": _number(row["metrics"].get("gold_score_initial"))}
+
+
+def fit_gold(points: list[tuple[float, float]], g0: float) -> dict[str, float] | None:
+    """Least squares of gold - g0 = d (alpha - beta d) over (d, gold) points, d = sqrt(KL) (the form Gao, Schulman
+    & Hilton (2022) fit for best-of-n and RL): alpha, beta, the peak it implies (d* = alpha / (2 beta), gold there)
+    and the fit's R^2. None with fewer than 3 points or a singular system."""
+    if len(points) < 3:
+        return None
+    # minimise sum (y - a d + b d^2)^2 with y = gold - g0: normal equations in (a, -b) on regressors d, d^2
+    s2 = sum(d ** 2 for d, _ in points)
+    s3 = sum(d ** 3 for d, _ in points)
+    s4 = sum(d ** 4 for d, _ in points)
+    t1 = sum(d * (g - g0) for d, g in points)
+    t2 = sum(d * d * (g - g0) for d, g in points)
+    det = s2 * s4 - s3 * s3
+    if abs(det) < 1e-12:
+        return None
+    alpha = (t1 * s4 - t2 * s3) / det
+    beta = -(s2 * t2 - s3 * t1) / det
+    ys = [g - g0 for _, g in points]
+    mean = sum(ys) / len(ys)
+    residual = sum((y - d * (alpha - beta * d)) ** 2 for (d, _), y in zip(points, ys))
+    total = sum((y - mean) ** 2 for y in ys)
+    fit = {"g0": g0, "alpha": alpha, "beta": beta, "points": len(points),
+           "r2": 1 - residual / total if total > 0 else None}
+    if beta > 0:
+        peak = alpha / (2 * beta)
+        fit.update(peak_sqrt_kl=peak, peak_kl=peak * peak, peak_gold=g0 + peak * (alpha - beta * peak))
+    return fit
+
+
+def overoptimisation(series: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Per PPO run with held-out gold during training (phase.eval_steps): the peak of held-out gold, the step and
+    rollout KL where it peaks, the final held-out gold and KL; the fit of gold = g0 + d (alpha - beta d) on each
+    run's rising part (held-out points up to its peak, g0 = its starting gold over every held-out prompt), and
+    the same fit pooled over every run's rising part."""
+    runs, pooled = [], []
+    for s in series:
+        held = s.get("held_out") or {}
+        if not held.get("gold"):
+            continue
+        golds = held["gold"]
+        top = max(range(len(golds)), key=lambda i: golds[i])
+        entry = {"run_id": s["run_id"], "label": s["label"], "peak_gold": golds[top], "peak_step": held["step"][top],
+                 "peak_kl": held["kl"][top], "final_gold": golds[-1], "final_step": held["step"][-1],
+                 "final_kl": held["kl"][-1], "gold_initial": s.get("gold_initial")}
+        if s.get("gold_initial") is not None:
+            rising = [(max(0.0, held["sqrt_kl"][i]), golds[i]) for i in range(top + 1)]
+            entry["fit"] = fit_gold([(0.0, s["gold_initial"]), *rising], s["gold_initial"])
+            pooled += [(d, g - s["gold_initial"]) for d, g in rising]
+        runs.append(entry)
+    if not runs:
+        return None
+    return {"runs": runs, "pooled_fit": fit_gold([(0.0, 0.0), *pooled], 0.0) if pooled else None}
+
+
+def overoptimisation_markdown(analysis: dict[str, Any]) -> str:
+    lines = ["## Over-optimisation: held-out gold along each PPO run", "",
+             "| run | gold at start | peak gold | at step | KL there | final gold | final KL | fit alpha | fit beta | "
+             "fit peak KL | fit R^2 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in analysis["runs"]:
+        fit = r.get("fit") or {}
+        lines.append(f"| {r['label']} | {_fmt(r['gold_initial'])} | {_fmt(r['peak_gold'])} | {r['peak_step']} | "
+                     f"{_fmt(r['peak_kl'])} | {_fmt(r['final_gold'])} | {_fmt(r['final_kl'])} | {_fmt(fit.get('alpha'))} | "
+                     f"{_fmt(fit.get('beta'))} | {_fmt(fit.get('peak_kl'))} | {_fmt(fit.get('r2'))} |")
+    fit = analysis.get("pooled_fit")
+    if fit:
+        lines += ["", f"Pooled over every run's rising part ({fit['points']} points): gold - g0 = d ({fit['alpha']:.4g} - "
+                      f"{fit['beta']:.4g} d), d = sqrt(KL)" + (f"; peak at KL {fit['peak_kl']:.3g} (+{fit['peak_gold']:.3g})"
+                                                                 if "peak_kl" in fit else "")
+                      + (f"; R^2 {fit['r2']:.3f}" if fit.get("r2") is not None else "")]
+    return "\n".join(lines) + "\n"
 
 
 def _beta(row: dict[str, Any]) -> float | None:
@@ -263,6 +342,9 @@ def plot_data(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     series = [s for s in (_ppo_series(r, n) for r, n in zip(ppo, names)) if s is not None]
     if series:
         data["ppo_overoptimisation"] = {"x": ["kl", "sqrt_kl"], "y": ["reward", "gold"], "series": series}
+        analysis = overoptimisation(series)
+        if analysis:
+            data["ppo_overoptimisation"]["analysis"] = analysis
         data["ppo_training_curves"] = {"x": "step", "y": ["reward", "kl", "gold"], "series": series}
     dpo_rows = [r for r in rows if r["phase"] == "dpo"]
     dpo = []
@@ -318,7 +400,10 @@ def _draw_overoptimisation(plt, data: dict[str, Any]):
             ax = axes[row_index][col]
             for s in data["series"]:
                 if s[y] is not None:
-                    ax.plot(s[x], s[y], marker=".", label=s["label"])
+                    line, = ax.plot(s[x], s[y], marker=".", alpha=0.35 if y == "gold" else 1, label=s["label"])
+                    held = s.get("held_out") or {}
+                    if y == "gold" and held.get("gold"):  # held-out greedy gold, drawn bold over the rollouts' gold
+                        ax.plot(held[x], held["gold"], marker="s", color=line.get_color())
             ax.set(xlabel="KL" if x == "kl" else "sqrt(KL)",
                    ylabel="proxy reward (RM score)" if y == "reward" else "gold reward",
                    title=f"{'proxy' if y == 'reward' else 'gold'} against {'KL' if x == 'kl' else 'sqrt(KL)'}")
@@ -403,7 +488,9 @@ def write_compare(rows: list[dict[str, Any]], out: Path, inputs: list[str]) -> d
     result = {"written": now_iso(), "inputs": inputs, "out": str(out.resolve()), "rows": [_public(r) for r in rows],
               "plots": data, "plot_files": plots}
     write_text_atomic(out / "compare.csv", to_csv(rows))
-    write_text_atomic(out / "compare.md", f"# compare: {len(rows)} runs\n\n{to_markdown(rows)}")
+    analysis = data.get("ppo_overoptimisation", {}).get("analysis")
+    extra = f"\n{overoptimisation_markdown(analysis)}" if analysis else ""
+    write_text_atomic(out / "compare.md", f"# compare: {len(rows)} runs\n\n{to_markdown(rows)}{extra}")
     write_json_atomic(out / "compare.json", result)
     return result
 
@@ -420,6 +507,12 @@ def write_sweep_plots(sweep_dir: str | Path, echo: bool = True) -> list[str]:
     out.mkdir(exist_ok=True)
     written = draw(data, out)
     write_json_atomic(out / "plots.json", {"written": now_iso(), "sweep_dir": str(sweep_dir.resolve()), "plots": data})
+    analysis = data.get("ppo_overoptimisation", {}).get("analysis")
+    if analysis:  # runs with held-out gold during training: where gold peaked, where it ended, the fit
+        table = overoptimisation_markdown(analysis)
+        write_text_atomic(out / "overoptimisation.md", table)
+        if echo:
+            print(f"\n{table}", flush=True)
     if echo:
         print(f"rlhf_exp: sweep plots in {out}: {', '.join(written)}", flush=True)
     return written

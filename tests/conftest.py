@@ -58,6 +58,18 @@ def sft_run(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def main_pipeline(tmp_path_factory):
+    """The README's main command, ``python -m rlhf_exp pipeline=rlhf``, run once per session through the CLI:
+    (the CompletedProcess, the pipeline folder with sft/ rm/ ppo/ dpo/). Tests may add files to its run folders
+    (evaluation.json) but must not change what the chain wrote."""
+    root = tmp_path_factory.mktemp("main_pipeline")
+    proc = run_cli(["pipeline=rlhf", f"output_root={root}"], env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (folder,) = (root / "pipelines").iterdir()
+    return proc, folder
+
+
+@pytest.fixture(scope="session")
 def rm_run(sft_run, tmp_path_factory) -> Path:
     """A reward model trained from ``sft_run`` through the CLI, once per session."""
     root = tmp_path_factory.mktemp("rm_outputs")

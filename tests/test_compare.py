@@ -233,9 +233,32 @@ def test_compare_merges_two_real_sweeps_and_a_run(real, tmp_path):
         (beta, float(r["gold_score"]), float(r["eval_rewards_accuracies"])) for beta, r in zip((0.1, 0.5), dpo_rows)]
 
     # each sweep drew its own plots at its end
-    for sweep, names in ((real["ppo"], PPO_PLOTS), (real["dpo"], {"dpo_beta"})):
-        assert sorted(p.name for p in (sweep / "plots").iterdir()) == sorted(["plots.json", *(f"{n}.png" for n in names)])
+    for sweep, names, tables in ((real["ppo"], PPO_PLOTS, ["overoptimisation.md"]), (real["dpo"], {"dpo_beta"}, [])):
+        # PPO: held-out gold at the last step (the tiny recipe evaluates then) gives the over-optimisation table too
+        assert sorted(p.name for p in (sweep / "plots").iterdir()) == sorted(["plots.json", *tables,
+                                                                             *(f"{n}.png" for n in names)])
         for name in names:
             assert_png(sweep / "plots" / f"{name}.png")
     own = read_json(real["ppo"] / "plots" / "plots.json")["plots"]["ppo_frontier"]["points"]
     assert [(p["kl"], p["reward"]) for p in own] == [(float(r["kl"]), float(r["reward"])) for r in ppo_rows[:2]]
+
+
+def test_the_over_optimisation_fit_and_peak_by_hand():
+    """gold = g0 + d (alpha - beta d), d = sqrt(KL): exact points give alpha, beta and the peak back; the analysis
+    finds each run's held-out peak, the KL there, and fits only the rising part."""
+    from rlhf_exp.compare import fit_gold, overoptimisation
+
+    g0, alpha, beta = 0.5, 0.3, 0.1
+    fit = fit_gold([(d, g0 + d * (alpha - beta * d)) for d in (0, 0.5, 1, 1.5, 2)], g0)
+    assert fit["alpha"] == pytest.approx(alpha) and fit["beta"] == pytest.approx(beta) and fit["r2"] == pytest.approx(1)
+    assert fit["peak_kl"] == pytest.approx(2.25) and fit["peak_gold"] == pytest.approx(0.725)  # d* = 1.5
+    assert fit_gold([(0, 0.5), (1, 0.6)], 0.5) is None  # too few points
+    kl = [0.25, 1.0, 2.25, 9.0, 25.0]
+    gold = [g0 + math.sqrt(k) * (alpha - beta * math.sqrt(k)) for k in kl]
+    gold[-2:] = [0.4, 0.3]  # past the peak, gold falls far below the start
+    series = [{"run_id": "r", "label": "phase.kl_coef=0", "gold_initial": g0,
+               "held_out": {"step": [10, 20, 30, 40, 50], "gold": gold, "kl": kl, "sqrt_kl": [math.sqrt(k) for k in kl]}}]
+    (run,) = overoptimisation(series)["runs"]
+    assert (run["peak_step"], run["peak_kl"], run["final_gold"], run["final_kl"]) == (30, 2.25, 0.3, 25.0)
+    assert run["peak_gold"] == pytest.approx(0.725)
+    assert run["fit"]["points"] == 4 and run["fit"]["alpha"] == pytest.approx(alpha)  # start + 3 rising points

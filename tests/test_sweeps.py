@@ -18,7 +18,7 @@ from tests.launch.standins import parent_overrides
 
 SWEEPS = sweep_names()
 # the grid sweeps and their number of jobs
-GRIDS = {"dpo_beta": 5, "ppo_kl_coef": 4, "ppo_kl_target": 4}
+GRIDS = {"dpo_beta": 5, "ppo_kl_coef": 4, "ppo_kl_target": 4, "overoptimization": 10}
 
 
 def test_the_sweeps_are_there():
@@ -27,7 +27,8 @@ def test_the_sweeps_are_there():
 
 @pytest.mark.parametrize("name", SWEEPS)
 def test_sweep_file_starts_with_its_command(name):
-    assert (SWEEPS_DIR / f"{name}.yaml").read_text().splitlines()[0] == f"# python -m rlhf_exp -m sweep={name}"
+    first = (SWEEPS_DIR / f"{name}.yaml").read_text().splitlines()[0]
+    assert first == f"# python -m rlhf_exp -m sweep={name}" or first.startswith(f"# python -m rlhf_exp -m sweep={name} ")
 
 
 def _swept(name: str) -> dict[str, list]:
@@ -76,7 +77,7 @@ def test_command_line_overrides_replace_the_sweep_files():
     assert expand_sweep(["-m", "sweep=dpo_beta", "phase.beta=0.3", "seed=1"]) == ["-m", "phase=dpo", "phase.beta=0.3",
                                                                                    "seed=1"]
     assert expand_sweep(["-m", "seed=0,1"]) == ["-m", "seed=0,1"]
-    with pytest.raises(ConfigError, match="no such sweep.*dpo_beta, ppo_kl_coef"):
+    with pytest.raises(ConfigError, match="no such sweep.*dpo_beta, overoptimization, ppo_kl_coef"):
         expand_sweep(["-m", "sweep=dpo_bta"])
 
 

@@ -145,6 +145,8 @@ class LauncherName(StrEnum):
     local = "local"
     # submitit's local executor: the SLURM code path without a cluster (tests, debugging)
     submitit_local = "submitit_local"
+    # sweep jobs here, launcher.parallel_jobs at once (submitit's local executor, jobs started in batches)
+    parallel = "parallel"
     # one SLURM job per sweep point through hydra-submitit-launcher
     slurm = "slurm"
 
@@ -528,6 +530,9 @@ class LauncherConfig:
     # cancelling it (exit 2); null: wait as long as it takes. A reason that waiting cannot clear
     # (PartitionTimeLimit, a QOS per-job limit, ...) is cancelled at once either way (docs/slurm-sizing.md)
     pending_timeout_min: Optional[float] = None
+    # launcher=parallel: sweep jobs run at once on this machine (null: one per usable CPU core); the CPUs are
+    # split between them (each job's thread rule sees its share)
+    parallel_jobs: Optional[int] = None
 
 
 # ------------------------------------------------------------------------ pipeline
@@ -545,6 +550,46 @@ class PipelineConfig:
     dpo: dict[str, Any] = field(default_factory=dict)
 
 
+class OnAlarm(StrEnum):
+    warn = "warn"
+    checkpoint = "checkpoint"
+    stop = "stop"
+
+
+@dataclass
+class MonitorConfig:
+    """Health monitor of PPO (rlhf_exp.monitor; docs/monitor.md has the numbers behind the defaults)."""
+
+    enabled: bool = True
+    # what an alarm does: warn (a line on stderr, summary.json, a W&B alert), checkpoint (also saves a
+    # resumable checkpoint at that step, then continues), stop (saves one when checkpoints are on, then ends
+    # the run cleanly: the policy of that step is the final one, the reason in summary.json and manifest.json)
+    on_alarm: OnAlarm = OnAlarm.warn
+    # steps per moving window; rules compare the last window with the first
+    window: int = 10
+    # steps before the collapse and growth rules may fire
+    warmup_steps: int = 20
+    # KL runaway: window mean of ppo/kl above this many nats (null: 3 x phase.kl_target)
+    kl_max: Optional[float] = None
+    # KL collapse: window mean of ppo/kl below this after warmup (null: off)
+    kl_min: Optional[float] = 0.01
+    # length hacking: window mean length at least this many times the first window's (null: off)
+    length_growth: Optional[float] = 1.2
+    # length hacking: window mean of the within-batch length-reward correlation at least this ...
+    length_reward_corr: Optional[float] = 0.25
+    # ... and up by at least this since the first window
+    corr_rise: float = 0.2
+    # entropy collapse: window mean entropy at most this fraction of the first window's (null: off) ...
+    entropy_drop: Optional[float] = 0.3
+    # ... or below this many nats (null: off)
+    entropy_min: Optional[float] = None
+    # repetition: held-out distinct-1/2 down by this fraction from their best evaluation (null: off)
+    distinct_drop: Optional[float] = 0.3
+    # over-optimisation: gold (held-out eval/gold, or windows of ppo/gold_reward) down this much from its best
+    # while the reward model's score did not fall (null: off)
+    gold_drop: Optional[float] = 0.05
+
+
 # ---------------------------------------------------------------------------- root
 
 
@@ -556,6 +601,8 @@ class RunConfig:
     hardware: HardwareConfig = MISSING
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    # PPO's health monitor (KL band, length hacking, entropy collapse, repetition, gold vs proxy): docs/monitor.md
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     # pipeline=rlhf runs several phases in one command (null: a single phase)
     pipeline: Optional[PipelineConfig] = None
     # seed of model init, data order and sampling for this run
@@ -589,6 +636,12 @@ GROUP_SCHEMAS: dict[str, type] = {
 }
 
 
+def _parallel_jobs(jobs) -> int:
+    from rlhf_exp.launch.threads import usable_cpus
+
+    return max(1, int(jobs)) if jobs is not None else usable_cpus(share=False)
+
+
 def register_configs() -> None:
     """Register every schema so YAML files can start with ``defaults: [base_<group>]``."""
     cs = ConfigStore.instance()
@@ -596,6 +649,8 @@ def register_configs() -> None:
     # would otherwise leave the others waiting in a collective), then the user's own lines
     OmegaConf.register_new_resolver("rlhf_exp_srun_setup", lambda lines: ["export SLURM_KILL_BAD_EXIT=1", *(lines or [])],
                                     replace=True)
+    # launcher=parallel: how many sweep jobs run at once (launcher.parallel_jobs, null: the usable CPU cores)
+    OmegaConf.register_new_resolver("rlhf_exp_parallel_jobs", _parallel_jobs, replace=True)
     cs.store(name="base_config", node=RunConfig)
     for group, schema in GROUP_SCHEMAS.items():
         cs.store(group=group, name=f"base_{group}", node=schema)

@@ -190,9 +190,42 @@ def validate(cfg: DictConfig) -> None:
     if hw.lora:
         check(hw.lora_r >= 1 and hw.lora_alpha >= 1, "hardware.lora_r and hardware.lora_alpha must be >= 1")
     errors += _hardware_errors(cfg)
+    errors += _monitor_errors(cfg)
 
     if errors:
         raise ConfigError("\n".join(errors))
+
+
+def _monitor_errors(cfg: DictConfig) -> list[str]:
+    """monitor.* (rlhf_exp.monitor): sizes >= 1, thresholds in range, a checkpoint mode that can save."""
+    mon = cfg.get("monitor")
+    if mon is None:
+        return []
+    errors = []
+    if mon.window < 2:
+        errors.append(f"monitor.window={mon.window}: must be >= 2 (steps per moving window)")
+    if mon.warmup_steps < 0:
+        errors.append(f"monitor.warmup_steps={mon.warmup_steps}: must be >= 0")
+    for key in ("kl_max", "kl_min", "entropy_min", "gold_drop"):
+        if mon[key] is not None and not mon[key] > 0:
+            errors.append(f"monitor.{key}={mon[key]}: must be > 0, or null (rule off)")
+    if mon.kl_max is not None and mon.kl_min is not None and mon.kl_min >= mon.kl_max:
+        errors.append(f"monitor.kl_min={mon.kl_min} must be below monitor.kl_max={mon.kl_max}")
+    if mon.length_growth is not None and not mon.length_growth > 1:
+        errors.append(f"monitor.length_growth={mon.length_growth}: must be > 1 (a ratio of lengths), or null (rule off)")
+    for key in ("entropy_drop", "distinct_drop"):
+        if mon[key] is not None and not 0 < mon[key] < 1:
+            errors.append(f"monitor.{key}={mon[key]}: must be in (0, 1), or null (rule off)")
+    if mon.length_reward_corr is not None and not -1 < mon.length_reward_corr < 1:
+        errors.append(f"monitor.length_reward_corr={mon.length_reward_corr}: must be in (-1, 1), or null (rule off)")
+    if not 0 <= mon.corr_rise < 2:
+        errors.append(f"monitor.corr_rise={mon.corr_rise}: must be in [0, 2)")
+    phase = cfg.phase
+    if (mon.enabled and str(mon.on_alarm) == "checkpoint" and OmegaConf.select(cfg, "phase.name") == "ppo"
+            and not resumable_checkpoints(phase)):
+        errors.append("monitor.on_alarm=checkpoint saves a resumable checkpoint at an alarm, but phase.save_steps and "
+                      "phase.save_minutes are both null (no checkpoints): set one of them, or monitor.on_alarm=warn|stop")
+    return errors
 
 
 def _installed(module: str) -> bool:

@@ -14,7 +14,8 @@ thread per process was no slower idle (measurements: docs/hardware.md, "CPU thre
    size and collapse under contention.
 4. otherwise the CPUs this process may use, divided among the run's processes on this machine (at least 1):
    under SLURM the CPUs allocated to the task; elsewhere min(cores in the CPU affinity mask (hyperthread
-   siblings once), cgroup CPU quota) // local processes (``LOCAL_WORLD_SIZE`` inside torchrun, else ``hardware.num_processes``).
+   siblings once), cgroup CPU quota) // local processes (``LOCAL_WORLD_SIZE`` inside torchrun, else ``hardware.num_processes``);
+   a job of ``launcher=parallel`` counts only its share of the machine (:func:`share_cpus`).
 
 Nothing here imports torch: :func:`apply` sets torch's count only when torch is already imported, and
 OMP_NUM_THREADS (read when torch creates its pool) otherwise.
@@ -29,6 +30,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 SWITCH = "RLHF_EXP_THREADS"
+# launcher=parallel: the CPUs each sweep job may use (the machine's split between the jobs running at once)
+JOB_CPUS = "RLHF_EXP_JOB_CPUS"
 # below this many parameters a model counts as small (matrices of a few hundred rows: threads cost more
 # in synchronisation than they save, and spin when the cores are shared)
 SMALL_MODEL_PARAMS = 10_000_000
@@ -116,9 +119,10 @@ def quota_cpus(root: Path = CGROUP_ROOT, proc_cgroup: Path = Path("/proc/self/cg
     return min(limits) if limits else None
 
 
-def usable_cpus(root: Path = CGROUP_ROOT, proc_cgroup: Path = Path("/proc/self/cgroup")) -> int:
+def usable_cpus(root: Path = CGROUP_ROOT, proc_cgroup: Path = Path("/proc/self/cgroup"), share: bool = True) -> int:
     """The CPUs this process may use: its affinity, capped by the cgroup quota (rounded up: a quota of
-    1.5 CPUs runs 2 threads part of the time), at least 1. Under SLURM: the CPUs allocated to the task."""
+    1.5 CPUs runs 2 threads part of the time), at least 1. Under SLURM: the CPUs allocated to the task.
+    ``share``: a launcher=parallel job's share of them (:func:`share_cpus`)."""
     from rlhf_exp.launch.distributed import slurm_task_cpus
 
     slurm = slurm_task_cpus()
@@ -126,7 +130,17 @@ def usable_cpus(root: Path = CGROUP_ROOT, proc_cgroup: Path = Path("/proc/self/c
     quota = quota_cpus(root, proc_cgroup)
     if quota is not None:
         cpus = min(cpus, max(1, math.ceil(quota - 1e-9)))
+    if share and os.environ.get(JOB_CPUS, "").isdigit():  # one of launcher=parallel's jobs: its share of the machine
+        cpus = min(cpus, int(os.environ[JOB_CPUS]))
     return max(1, cpus)
+
+
+def share_cpus(jobs: int) -> int:
+    """launcher=parallel, in the launching process: each of ``jobs`` jobs running at once may use this process's
+    usable CPUs // jobs (at least 1), recorded for the jobs (they inherit the environment). Returns the share."""
+    share = max(1, usable_cpus(share=False) // max(1, jobs))
+    os.environ[JOB_CPUS] = str(share)
+    return share
 
 
 def _get(obj: Any, key: str, default: Any = None) -> Any:

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from rlhf_exp.data.encode import is_chat, pad, position_ids, scored_ids
 from rlhf_exp.data.encode import prompt_ids as encode_prompt
 from rlhf_exp.evaluation import own_generation_config, score_ids
+from rlhf_exp.monitor import pearson
 from rlhf_exp.ppo import core
 
 
@@ -114,6 +115,7 @@ class PPOTrainer:
         self.seed = cfg.seed
         self.generator = torch.Generator().manual_seed(cfg.seed)  # prompt picks and mini-batch order
         self.steps_done = 0
+        self.stopped_by_monitor: str | None = None  # why monitor.on_alarm=stop ended train() early
         self.skipped = 0  # mini-batches whose NaN/inf update was dropped
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         self.kl_ctl = core.kl_controller(str(phase.kl_ctrl), phase.kl_coef, phase.kl_target, phase.kl_horizon)
@@ -348,6 +350,8 @@ class PPOTrainer:
             "ppo/kl_coef": kl_coef,
             "ppo/entropy": entropy.item(),
             "ppo/response_length": r.mask.sum(1).float().mean().item(),
+            # within the batch: does the reward model pay for length? (rlhf_exp.monitor's length_reward_corr)
+            "ppo/length_reward_corr": pearson(r.mask.sum(1).tolist(), r.scores.float().tolist()),
             "ppo/explained_variance": 1.0 - (residual_var / torch.var(returns[valid]).clamp(min=1e-8)).item(),
             "ppo/early_stopped_epochs": float(stop),
         })
@@ -411,10 +415,13 @@ class PPOTrainer:
         self.load_state_dict(self.engines.load(folder))
 
     def train(self, steps: int, log, checkpoints: Path | None = None, save_steps: int | None = None,
-              save_minutes: float | None = None, keep: int = 2) -> dict[str, float]:
+              save_minutes: float | None = None, keep: int = 2, monitor=None) -> dict[str, float]:
         """Steps ``steps_done + 1 .. steps`` (more than 0 done when resumed from a checkpoint). With
         ``checkpoints`` set, a resumable checkpoint every ``save_steps`` steps / ``save_minutes`` minutes
-        and when a stop signal arrives (then :class:`Interrupted` is raised after the save)."""
+        and when a stop signal arrives (then :class:`Interrupted` is raised after the save). ``monitor``
+        (:class:`rlhf_exp.monitor.Monitor`) sees every step's metrics; on an alarm with monitor.on_alarm=checkpoint
+        a checkpoint is saved at that step, with stop one is saved (checkpoints on) and the loop ends there,
+        ``stopped_by_monitor`` saying why. Every rank holds the same metrics, so every rank decides alike."""
         from rlhf_exp.launch.signals import GUARD, Interrupted
         from rlhf_exp.tracking.checkpoints import prune
 
@@ -434,13 +441,21 @@ class PPOTrainer:
             bar.set_postfix(reward=f"{last['ppo/reward']:.3f}", kl=f"{last['ppo/kl']:.3f}", refresh=False)
             if not math.isfinite(last.get("ppo/policy_loss", 0.0)):
                 raise FloatingPointError(f"PPO policy loss is {last['ppo/policy_loss']} at step {step}")
+            alarms = monitor.update(step, last, evaluation) if monitor is not None else []
+            action = str(monitor.cfg.on_alarm) if alarms else None
             save, stop = GUARD.poll(save_minutes if checkpoints else None)
+            if action in ("checkpoint", "stop"):
+                save = True
             if checkpoints is not None and (save or (save_steps and step % save_steps == 0)):
                 folder = checkpoints / f"checkpoint-{step}"
                 self.save_checkpoint(folder, metric=self.selection_metric(evaluation))
                 prune(checkpoints, keep)
             if stop:
                 raise Interrupted(GUARD.signum, step, str(folder) if checkpoints is not None else None)
+            if action == "stop":
+                self.stopped_by_monitor = (f"monitor.on_alarm=stop: {alarms[0].rule} at step {step} "
+                                           f"({alarms[0].saw}); stopped after step {step}")
+                break
         GUARD.end_training()
         return last
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 
 from rlhf_exp.config.schema import RunConfig
@@ -42,6 +43,29 @@ def _eval_prompts(data) -> list:
     if data.eval is None or "prompt" not in data.eval.column_names:
         return []
     return list({json.dumps(p, sort_keys=True): p for p in data.eval["prompt"]}.values())
+
+
+def _monitor(cfg: RunConfig, run: Run):
+    """The health monitor (monitor.*; None when off): each alarm a warning line on stderr and a W&B alert (main
+    process); a resumed run's earlier metrics are replayed into it first, so its windows continue."""
+    from rlhf_exp.monitor import Monitor
+
+    if not cfg.monitor.enabled:
+        return None
+
+    def notify(alarm) -> None:
+        if not run.main:
+            return
+        print(f"rlhf_exp: warning: {alarm.line()}", file=sys.stderr, flush=True)
+        for sink in getattr(run, "_sinks", []):
+            if hasattr(sink, "alert"):
+                sink.alert(f"{run.run_id}: {alarm.rule}", alarm.line())
+
+    monitor = Monitor(cfg.monitor, kl_target=cfg.phase.kl_target)
+    if run.resuming:
+        monitor.replay(run.previous)
+    monitor.notify = notify
+    return monitor
 
 
 def run(cfg: RunConfig, run: Run) -> dict:
@@ -98,13 +122,22 @@ def run(cfg: RunConfig, run: Run) -> dict:
         if resume_from is not None:
             trainer.load_checkpoint(resume_from)
         announce_resume(run, trainer.steps_done, resume_from)
+    monitor = _monitor(cfg, run)
     start = time.monotonic()
     last = trainer.train(steps, run.log, checkpoints, cfg.phase.save_steps, cfg.phase.save_minutes,
-                         cfg.phase.keep_checkpoints)
+                         cfg.phase.keep_checkpoints, monitor=monitor)
     metrics["train_runtime_s"] = round(time.monotonic() - start, 2)
     if not last:  # resumed from the last step's checkpoint: its numbers are in metrics.jsonl
         last = next(r for r in reversed(run.previous) if "ppo/kl" in r)
 
+    if trainer.stopped_by_monitor:  # the policy of the step it stopped at is the final one
+        steps = trainer.steps_done
+        reason = f"{trainer.stopped_by_monitor}: its policy is the final one (checkpoints/final)"
+        metrics["stopped_by_monitor"] = run.manifest["stopped_by_monitor"] = reason
+        if run.main:
+            print(f"rlhf_exp: {reason}", file=sys.stderr, flush=True)
+    if monitor is not None:
+        metrics["monitor_alarms"] = [a.as_dict() for a in monitor.alarms]
     metrics.update(steps=steps, num_processes=accelerator.num_processes, kl=last["ppo/kl"], reward=last["ppo/reward"],
                    kl_coef_final=trainer.kl_ctl.value)
     policy = trainer.engines.bare_policy()

@@ -94,6 +94,19 @@ class WandbSink:
         except Exception as exc:
             self._disable(exc)
 
+    def alert(self, title: str, text: str) -> None:
+        """A W&B alert (the health monitor's alarms: rlhf_exp.monitor). An alert W&B refuses (offline runs have
+        no alerts) is said once; logging carries on."""
+        if not self.run or getattr(self, "_alerts_off", False):
+            return
+        try:
+            import wandb
+
+            self.run.alert(title=title[:64], text=text, level=wandb.AlertLevel.WARN)
+        except Exception as exc:
+            self._alerts_off = True
+            _say(f"alerts off after an error ({type(exc).__name__}: {exc}); the alarm is in summary.json")
+
     def close(self, failed: bool) -> None:
         if not self.run:
             return

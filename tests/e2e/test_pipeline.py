@@ -11,10 +11,8 @@ from tests.conftest import ROOT, read_json, run_cli
 
 
 @pytest.mark.slow
-def test_rlhf_pipeline_runs_the_chain_in_subfolders_and_tabulates_it(tmp_path):
-    proc = run_cli(["pipeline=rlhf", f"output_root={tmp_path}"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (root,) = list((tmp_path / "pipelines").iterdir())
+def test_rlhf_pipeline_runs_the_chain_in_subfolders_and_tabulates_it(main_pipeline):
+    proc, root = main_pipeline
     summary = read_json(root / "pipeline_summary.json")
     assert summary["status"] == "succeeded" and [p["phase"] for p in summary["phases"]] == ["sft", "rm", "ppo", "dpo"]
     for phase in ("sft", "rm", "ppo", "dpo"):

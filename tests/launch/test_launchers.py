@@ -214,6 +214,25 @@ def test_submitit_tasks_become_torch_distributed_workers(tmp_path):
     assert len(read_metrics(job)) > 0
 
 
+@pytest.mark.slow
+def test_parallel_launcher_runs_sweep_jobs_side_by_side_with_the_cpus_split(tmp_path):
+    """launcher=parallel: the jobs of a batch run at the same time (their runs overlap in time), each with its
+    share of the machine's CPUs; the sweep summary and its plots follow as for any sweep."""
+    import datetime as dt
+
+    proc = run_cli(["-m", "phase.max_steps=30", "seed=0,1,2", "launcher=parallel", "launcher.parallel_jobs=2",
+                    f"output_root={tmp_path}"], env={"RLHF_EXP_THREADS": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "launcher=parallel: 2 jobs at once on this machine" in proc.stderr
+    jobs = sorted(p for p in (tmp_path / "sweeps").glob("*/*_sft") if p.is_dir())
+    manifests = [read_json(j / "manifest.json") for j in jobs]
+    assert [m["status"] for m in manifests] == ["succeeded"] * 3 and {m["launcher"] for m in manifests} == {"parallel"}
+    span = [(dt.datetime.fromisoformat(m["start_time"]), dt.datetime.fromisoformat(m["end_time"])) for m in manifests]
+    assert span[0][0] < span[1][1] and span[1][0] < span[0][1], span  # jobs 0 and 1 ran at the same time
+    assert span[2][0] >= min(span[0][1], span[1][1]), span  # the third waited for a free slot (batches of 2)
+    assert (jobs[0].parent / "sweep_summary.json").is_file()
+
+
 def broken_sft_run(sft_run: Path, dest: Path) -> Path:
     """A copy of a good SFT run whose checkpoint names an architecture transformers does not know: it passes every
     check before launch (manifest succeeded; config.json and the weights present and whole) and fails where the
