@@ -15,7 +15,6 @@ import atexit
 import itertools
 import json
 import os
-import re
 import shutil
 import signal
 import sys
@@ -29,7 +28,7 @@ from rlhf_exp.config.errors import CONF_DIR, ConfigError, config_groups, group_o
 from rlhf_exp.config.schema import register_configs
 from rlhf_exp.config.validate import validate
 from rlhf_exp.launch.signals import GUARD, Interrupted
-from rlhf_exp.tracking.folder import RunLock, check_before_launch, check_writable, resumable  # noqa: F401
+from rlhf_exp.tracking.folder import RunLock, check_before_launch, check_unlocked, check_writable, resumable  # noqa: F401
 
 register_configs()
 
@@ -87,8 +86,9 @@ def compose(overrides: list[str], config_dir: Path = CONF_DIR) -> DictConfig:
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    # pipeline.<phase>.<key>=v adds to that phase's (free-form) settings; the phase schema checks it later
-    overrides = [f"+{o}" if re.match(r"pipeline\.\w+\.\w", o) else o for o in overrides]
+    from rlhf_exp.pipeline import as_additions
+
+    overrides = as_additions(overrides)  # pipeline.<phase>.<key>=v: checked by the phase's schema later
     if not any(o.startswith("hydra.searchpath=") for o in overrides):
         overrides += config_paths.searchpath_overrides()
     try:
@@ -431,32 +431,31 @@ def _pipeline(cfgs: list[DictConfig], flags, argv: list[str]) -> list[str] | Non
                           "one-node preset (e.g. hardware=a100x8), or submit the phases one by one (python -m rlhf_exp "
                           "phase=... launcher=slurm)")
     pipeline.check(cfg, flags.overrides)
-    common = pipeline.common_overrides([o for o in flags.overrides if not pipeline._own(o)])
+    slurm = cfg.launcher.name == "slurm"
+    common = pipeline.phase_overrides(flags.overrides)
     run_dir = _explicit_run_dir(flags.overrides, cfg)
     check_writable(Path(str(cfg.output_root)), "output_root")
     if run_dir is not None:
         check_writable(run_dir, "hydra.run.dir")
-        pipeline.check_free(run_dir)
+        check_unlocked(run_dir)
     # each phase's launch checks, before the pipeline's folder exists (a dry run refuses alike); the
     # parents are the pipeline's own earlier phases
     plan([compose(pipeline.phase_args(cfg, phase, common, None)) for phase in cfg.pipeline.phases],
          dry_run=cfg.dry_run, parents=False)
-    slurm = cfg.launcher.name == "slurm"
     if cfg.dry_run:
         where = run_dir or Path(str(cfg.output_root)) / "pipelines" / f"<time>_{cfg.pipeline.name}"
         if slurm:  # the folder the submission would use now
-            where, continuing = pipeline._folder(cfg, flags.overrides, run_dir)
+            where = pipeline._folder(cfg, flags.overrides, run_dir)[0].resolve()
         print(f"pipeline folder: {where} (an unfinished run of this same pipeline under output_root is continued)")
         if slurm:
             from rlhf_exp.launch.slurm import compose_sbatch_script
 
-            root = Path(where).resolve()
             print("one SLURM job runs the whole chain, each phase with launcher=local on the job's node; its script:")
             print(compose_sbatch_script([*_hydra_pipeline_args(flags.overrides),
-                                         *pipeline.submission_overrides(cfg, root.resolve())]))
+                                         *pipeline.submission_overrides(cfg, where)]))
+        in_job = pipeline.phase_overrides(flags.overrides, in_job=slurm)  # as the phases will run
         for phase in cfg.pipeline.phases:
-            local = [o for o in common if not pipeline._launcher(o)] + (["launcher=local"] if slurm else [])
-            print("python -m rlhf_exp " + " ".join(pipeline.phase_args(cfg, phase, local, None)))
+            print("python -m rlhf_exp " + " ".join(pipeline.phase_args(cfg, phase, in_job, None)))
         print("dry run: every phase composed and checked; nothing loaded, nothing trained"
               + (", nothing submitted." if slurm else "."))
         return None
@@ -466,7 +465,7 @@ def _pipeline(cfgs: list[DictConfig], flags, argv: list[str]) -> list[str] | Non
     global PIPELINE_ROOT
     root, continuing = pipeline._folder(cfg, flags.overrides, run_dir)
     root = root.resolve()
-    pipeline.check_free(root)
+    check_unlocked(root)
     from rlhf_exp.launch.slurm_wait import install
 
     install(cfg.launcher.get("pending_timeout_min"))
@@ -477,10 +476,11 @@ def _pipeline(cfgs: list[DictConfig], flags, argv: list[str]) -> list[str] | Non
 
 
 def _hydra_pipeline_args(argv: list[str]) -> list[str]:
-    """The command line as Hydra's job receives it: ``pipeline.<phase>.<key>`` values are additions to the phase's
-    free-form settings (``+``), as compose() makes them; hydra.run.dir and resume belong to the login node."""
-    return [f"+{a}" if re.match(r"pipeline\.\w+\.\w", a) else a for a in argv
-            if a.split("=", 1)[0] not in ("hydra.run.dir", "resume")]
+    """The command line as Hydra's job receives it (``pipeline.<phase>.<key>`` as additions, as compose() makes
+    them); hydra.run.dir and resume belong to the login node."""
+    from rlhf_exp.pipeline import as_additions
+
+    return as_additions([a for a in argv if a.split("=", 1)[0] not in ("hydra.run.dir", "resume")])
 
 
 def _pipeline_job(cfg: DictConfig, run_dir: Path):

@@ -232,16 +232,17 @@ def load_policy(run: RunInfo):
 
 def held_out_prompts(policy: RunInfo) -> tuple[list, str, bool]:
     """(prompts, where they come from, whether the gold reward applies)."""
+    from rlhf_exp.data.loading import held_out_prompts as prompts_of
     from rlhf_exp.data.loading import preference_data, sft_data
 
     data_cfg = policy.cfg.data
     data = sft_data(data_cfg) if policy.phase == "sft" else preference_data(data_cfg)
-    if data.eval_prompts:
-        return list(data.eval_prompts), "the embedded task's held-out gold prompts (data.eval_prompts)", True
-    if data.eval is None or "prompt" not in data.eval.column_names:
+    prompts = prompts_of(data)
+    if not prompts:
         raise EvaluateError(f"{policy.path}: its data ({data_cfg.name}) has no held-out prompts (no eval split)")
-    unique = {json.dumps(p, sort_keys=True): p for p in data.eval["prompt"]}
-    return list(unique.values()), f"the eval split's prompts of data={data_cfg.name}", False
+    if data.eval_prompts:
+        return prompts, "the embedded task's held-out gold prompts (data.eval_prompts)", True
+    return prompts, f"the eval split's prompts of data={data_cfg.name}", False
 
 
 def answer_text(answer) -> str:

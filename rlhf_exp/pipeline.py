@@ -29,6 +29,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -37,7 +38,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from rlhf_exp.config.errors import ConfigError
-from rlhf_exp.tracking.folder import RunLock, busy_message, read_owner, stale_reason
+from rlhf_exp.tracking.folder import RunLock
 from rlhf_exp.tracking.lineage import PARENTS
 from rlhf_exp.tracking.run import write_json_atomic
 
@@ -48,6 +49,12 @@ COLUMNS = {
     "ppo": {"gold_score": "gold", "kl": "KL", "reward": "RM score"},
     "dpo": {"gold_score": "gold", "eval_rewards_accuracies": "pref. accuracy"},
 }
+
+
+def as_additions(overrides: list[str]) -> list[str]:
+    """``pipeline.<phase>.<key>=v`` adds to that phase's free-form settings: Hydra takes it as ``+pipeline...`` (the
+    phase's schema checks the key later)."""
+    return [f"+{o}" if re.match(r"pipeline\.\w+\.\w", o) else o for o in overrides]
 
 
 def _key(override: str) -> str:
@@ -83,6 +90,13 @@ def common_overrides(overrides: list[str]) -> list[str]:
         if key != "pipeline" and not key.startswith("pipeline."):
             common.append(o)
     return common
+
+
+def phase_overrides(overrides: list[str], in_job: bool = False) -> list[str]:
+    """The overrides every phase gets: the user's, less the pipeline's own; in the pipeline's SLURM job (``in_job``)
+    the phases run with launcher=local on the job's node."""
+    common = common_overrides([o for o in overrides if not _own(o) and not (in_job and _launcher(o))])
+    return [*common, "launcher=local"] if in_job else common
 
 
 def phase_args(cfg: DictConfig, phase: str, common: list[str], folder: Path | None) -> list[str]:
@@ -201,9 +215,7 @@ def run(cfg: DictConfig, overrides: list[str], run_dir: Path | None = None, *, i
     ``in_job`` (the pipeline's SLURM job, launcher=slurm): the phases run with launcher=local on this node, and the
     outcome is returned as ``(folder, status, signal received or None)`` for the job to hand over."""
     check(cfg, overrides)
-    common = common_overrides([o for o in overrides if not _own(o) and not (in_job and _launcher(o))])
-    if in_job:
-        common.append("launcher=local")
+    common = phase_overrides(overrides, in_job)
     root, continuing = _folder(cfg, overrides, run_dir)
     root.mkdir(parents=True, exist_ok=True)
     root = root.resolve()
@@ -212,13 +224,6 @@ def run(cfg: DictConfig, overrides: list[str], run_dir: Path | None = None, *, i
         return _run(cfg, overrides, root, continuing, common, in_job)
     finally:
         lock.release()
-
-
-def check_free(root: Path) -> None:
-    """Before a pipeline is launched or submitted into ``root``: no live process holds it."""
-    owner = read_owner(root)
-    if owner is not None and stale_reason(owner) is None:
-        raise ConfigError(busy_message(root, owner))
 
 
 def submission_overrides(cfg: DictConfig, root: Path) -> list[str]:

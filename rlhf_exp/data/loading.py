@@ -77,3 +77,15 @@ def preference_data(data: DataConfig, counts: dict | None = None) -> PhaseData:
 
     train, evaluation = load_preferences(data, data.seed, counts=counts)
     return PhaseData(train, evaluation)
+
+
+def held_out_prompts(data: PhaseData) -> list:
+    """Held-out prompts of a phase's data: the embedded task's gold prompts, else the eval split's prompts (each
+    once, in order); empty when there is neither."""
+    import json
+
+    if data.eval_prompts:
+        return list(data.eval_prompts)
+    if data.eval is None or "prompt" not in data.eval.column_names:
+        return []
+    return list({json.dumps(p, sort_keys=True): p for p in data.eval["prompt"]}.values())

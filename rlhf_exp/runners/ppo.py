@@ -33,18 +33,6 @@ def _prompts(cfg: RunConfig, tokenizer, run: Run) -> tuple[list, list[list[int]]
     return [p for p, _ in prompts], [ids for _, ids in prompts], data
 
 
-def _eval_prompts(data) -> list:
-    """Held-out prompts for phase.eval_steps: the embedded task's gold prompts, else the eval split's prompts (each
-    once, in order)."""
-    import json
-
-    if data.eval_prompts:
-        return list(data.eval_prompts)
-    if data.eval is None or "prompt" not in data.eval.column_names:
-        return []
-    return list({json.dumps(p, sort_keys=True): p for p in data.eval["prompt"]}.values())
-
-
 def _monitor(cfg: RunConfig, run: Run):
     """The health monitor (monitor.*; None when off): each alarm a warning line on stderr and a W&B alert (main
     process); a resumed run's earlier metrics are replayed into it first, so its windows continue."""
@@ -72,6 +60,7 @@ def run(cfg: RunConfig, run: Run) -> dict:
     from accelerate import Accelerator
 
     from rlhf_exp.config.schema import learning_rate, resumable_checkpoints
+    from rlhf_exp.data.loading import held_out_prompts
     from rlhf_exp.data.synthetic import gold_reward
     from rlhf_exp.models import load_causal_lm, load_reward_model, load_value_model, save_for_next_phase, wrap_lora
     from rlhf_exp.ppo.engines import loading_context
@@ -108,7 +97,7 @@ def run(cfg: RunConfig, run: Run) -> dict:
         trainer = PPOTrainer(cfg, policy, critic, reward_model, tokenizer, prompts, load_reward_stats(rm["path"]),
                              accelerator, reference=reference, gold_fn=gold_reward if data.eval_prompts else None,
                              policy_lr=learning_rate(cfg.phase, hw), prompt_ids=prompt_ids,
-                             run_dir=run.dir, eval_prompts=_eval_prompts(data))
+                             run_dir=run.dir, eval_prompts=held_out_prompts(data))
     metrics: dict = {"sft_run": sft["run_id"], "reward_run": rm["run_id"]}
     record_initial_gold(cfg, trainer.engines.bare_policy(), tokenizer, data, run, metrics)
     from rlhf_exp.data.report import preview_prompts

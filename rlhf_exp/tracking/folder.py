@@ -192,9 +192,15 @@ def check_before_launch(cfg, run_dir: Path | None) -> None:
     check_writable(run_dir, "hydra.run.dir")
     if (run_dir / "manifest.json").is_file():
         resumable(cfg, run_dir)
-    owner = read_owner(run_dir)
+    check_unlocked(run_dir)
+
+
+def check_unlocked(folder: Path) -> None:
+    """No live process holds ``folder``'s lock (ConfigError naming the owner otherwise); a stale lock is no
+    obstacle (:meth:`RunLock.acquire` takes it over)."""
+    owner = read_owner(folder)
     if owner is not None and stale_reason(owner) is None:
-        raise ConfigError(busy_message(run_dir, owner))
+        raise ConfigError(busy_message(folder, owner))
 
 
 def resumable(cfg, run_dir: Path) -> bool:
