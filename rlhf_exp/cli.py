@@ -593,6 +593,15 @@ def _print_help(overrides: list[str]) -> None:
     print(HELP_FOOTER)
 
 
+def hand_sweep_name(argv: list[str]) -> None:
+    """sweep=<name>: its jobs' W&B group (rlhf_exp.tracking.wandb_sink.SWEEP_ENV), read by the jobs' processes; a
+    command without one clears a name left in the environment."""
+    named = [a.split("=", 1)[1] for a in argv if a.startswith("sweep=")]
+    os.environ.pop("RLHF_EXP_SWEEP", None)
+    if named:
+        os.environ["RLHF_EXP_SWEEP"] = named[-1]
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     from rlhf_exp.sweep import expand_sweep
@@ -600,6 +609,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         argv = config_paths.take_config_dirs(argv)  # --config-dir DIR: into RLHF_EXP_CONFIG_DIR
         config_paths.check_config_dirs()
+        hand_sweep_name(argv)
         argv = expand_sweep(argv)  # sweep=<name>: the overrides written in sweeps/<name>.yaml
     except ConfigError as exc:
         fail(str(exc))

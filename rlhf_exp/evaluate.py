@@ -189,16 +189,13 @@ def default_reward_run(policy: RunInfo, root: str) -> tuple[RunInfo | None, str]
     sft = parent(policy, "sft") if policy.phase != "sft" else {"run_id": policy.run_id, "path": str(policy.path)}
     if sft is None:
         return None, "the run records no SFT parent"
-    from rlhf_exp.tracking.lineage import descends, end_timestamp, find_runs
+    from rlhf_exp.tracking.lineage import descends, latest_run
 
-    found: dict[str, dict] = {}
-    for r in search_roots(policy, root):
-        for m in find_runs(r):
-            if m.get("phase") == "rm" and m.get("status") == "succeeded" and descends(m, sft):
-                found[m["path"]] = m
-    if not found:
+    # the rule PPO's parent resolution uses (tracking.lineage), over each folder runs may be in
+    found = [latest_run(r, "rm", {}, where=lambda m: descends(m, sft)) for r in search_roots(policy, root)]
+    latest = latest_run(None, "rm", {}, among=[m for m in found if m is not None])
+    if latest is None:
         return None, f"no successful RM run trained from SFT run {sft.get('run_id')} (give --reward-run)"
-    latest = max(found.values(), key=lambda m: (end_timestamp(m), m["run_id"]))
     return RunInfo(latest, Path(latest["path"])), f"the latest RM run trained from SFT run {sft.get('run_id')}"
 
 

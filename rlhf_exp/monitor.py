@@ -1,4 +1,4 @@
-"""Health monitor for PPO: watches each step's metrics (and the held-out evaluations) for the known ways RLHF
+"""Health monitor for PPO and DPO: watches each step's metrics (and the held-out evaluations) for the known ways RLHF
 goes wrong, and raises an alarm that says what it saw and what to try.
 
 Rules (thresholds under ``monitor.*``, docs/monitor.md has the numbers behind the defaults):
@@ -15,9 +15,18 @@ Rules (thresholds under ``monitor.*``, docs/monitor.md has the numbers behind th
   first window's or below (or under ``monitor.entropy_min`` nats when set);
 - ``distinct_drop``: held-out distinct-1 or distinct-2 fell by the fraction ``monitor.distinct_drop`` or more
   from its best earlier evaluation (repetitive answers);
+- ``self_bleu_rise``: held-out self-BLEU (``eval/self_bleu``, several sampled answers per prompt) rose by
+  ``monitor.self_bleu_rise`` or more above its lowest earlier evaluation (the samples of a prompt grow alike);
 - ``gold_drop``: held-out gold (``eval/gold``; or the rollouts' ``ppo/gold_reward`` averaged over windows)
   fell by ``monitor.gold_drop`` or more from its best while the reward model's score did not fall
   (over-optimisation of the proxy reward).
+
+DPO (``Monitor(..., per_step=False)``) has no rollouts: the monitor reads its held-out evaluations
+(``rlhf_exp.heldout``) only. ``distinct_drop``, ``self_bleu_rise`` as above; ``gold_drop`` with the held-out KL
+to the reference as the proxy (DPO's implicit reward of its own answers is beta x that log-ratio: gold falling
+while the policy keeps moving away from the reference); ``length_growth`` and ``entropy_collapse`` compare each
+evaluation with the first one (``eval/response_length``, ``eval/policy_entropy``); ``kl_runaway`` fires when
+``eval/kl`` is above ``monitor.kl_max`` (DPO has no kl_target: only when kl_max is set).
 
 The monitor only reads numbers that every process already holds identically (the trainer gathers rollouts and
 reduces losses before logging them), and its rules are deterministic, so under several processes every rank
@@ -28,6 +37,7 @@ random numbers and changes nothing in training.
 from __future__ import annotations
 
 import math
+import sys
 from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable
@@ -46,9 +56,24 @@ FIXES = {
                         "checkpoint (the best one follows held-out gold)",
     "distinct_drop": "repetitive answers: raise phase.kl_coef, lower phase.learning_rate, and add preference data "
                      "that penalises the repeated pattern",
+    "self_bleu_rise": "the samples of a prompt grow alike (mode collapse): raise phase.kl_coef (DPO: phase.beta), lower "
+                      "phase.learning_rate, or stop at an earlier checkpoint",
     "gold_drop": "over-optimisation: the proxy reward rises while held-out gold falls: raise phase.kl_coef, stop "
                  "earlier (the best checkpoint follows held-out gold), or collect new preference data on the "
                  "policy's current answers",
+}
+
+# DPO's knobs are others: beta ties it to the reference, and its best checkpoint follows TRL's eval loss
+DPO_FIXES = {
+    "kl_runaway": "raise phase.beta or lower phase.learning_rate; train fewer steps",
+    "length_growth": "length hacking: raise phase.beta, and add preference pairs where the longer answer loses",
+    "entropy_collapse": "entropy collapse: raise phase.beta, lower phase.learning_rate, or train fewer steps",
+    "distinct_drop": "repetitive answers: raise phase.beta, lower phase.learning_rate, and add preference data that "
+                     "penalises the repeated pattern",
+    "self_bleu_rise": "the samples of a prompt grow alike (mode collapse): raise phase.beta, lower "
+                      "phase.learning_rate, or train fewer steps",
+    "gold_drop": "over-optimisation: held-out gold falls while the policy moves away from the reference: raise "
+                 "phase.beta, lower phase.learning_rate or train fewer steps, or collect new preference data",
 }
 
 
@@ -58,6 +83,7 @@ class Alarm:
     step: int
     saw: str
     fix: str
+    checkpoint: str | None = None  # monitor.on_alarm=checkpoint: the checkpoint kept at that step
 
     def line(self) -> str:
         return f"monitor alarm {self.rule} at step {self.step}: {self.saw}. Try: {self.fix}"
@@ -93,8 +119,9 @@ class Monitor:
     STEP_KEYS = ("ppo/kl", "ppo/response_length", "ppo/length_reward_corr", "ppo/entropy", "ppo/reward",
                  "ppo/gold_reward")
 
-    def __init__(self, cfg, kl_target: float | None = None, notify=None):
+    def __init__(self, cfg, kl_target: float | None = None, notify=None, per_step: bool = True):
         self.cfg = cfg
+        self.per_step = per_step  # False (DPO): only held-out evaluations are fed in
         self.notify = notify  # called with each new Alarm (the runner: a stderr line and a W&B alert)
         self.window = int(cfg.window)
         self.kl_max = cfg.kl_max if cfg.kl_max is not None else (3.0 * kl_target if kl_target else None)
@@ -140,7 +167,7 @@ class Monitor:
         notify, self.notify = self.notify, None
         for step in sorted(by_step):
             record = by_step[step]
-            if "ppo/kl" not in record:
+            if ("ppo/kl" if self.per_step else "eval/kl") not in record:
                 continue
             evaluation = {k: v for k, v in record.items() if k.startswith("eval/") and k != "eval/gold_score"}
             self.update(step, record, evaluation or None)
@@ -156,7 +183,7 @@ class Monitor:
         self.clear[key] = 0
         if self.armed.get(key, True):
             self.armed[key] = False
-            fired.append(Alarm(rule, step, found, FIXES[rule]))
+            fired.append(Alarm(rule, step, found, FIXES[rule] if self.per_step else DPO_FIXES.get(rule, FIXES[rule])))
 
     # -- rules ---------------------------------------------------------------------------------
     def _full(self, key: str) -> bool:
@@ -222,15 +249,71 @@ class Monitor:
                              f"its best {best:.3g} (monitor.distinct_drop={c.distinct_drop:g})")
                     break
             yield "distinct_drop", found
+        if c.self_bleu_rise is not None and earlier and "eval/self_bleu" in evaluation:
+            lows = [e["eval/self_bleu"] for e in earlier if math.isfinite(e.get("eval/self_bleu", math.nan))]
+            now = evaluation["eval/self_bleu"]
+            yield "self_bleu_rise", (
+                f"held-out self-BLEU is {now:.3g}, up {now - min(lows):.3g} from its lowest {min(lows):.3g} "
+                f"(monitor.self_bleu_rise={c.self_bleu_rise:g})") if lows and now - min(lows) >= c.self_bleu_rise else None
+        if not self.per_step:
+            yield from self._dpo_rules(evaluation, earlier)
         if c.gold_drop is not None and earlier and "eval/gold" in evaluation:
             with_gold = [e for e in earlier if "eval/gold" in e]
+            # the proxy: the held-out reward-model score (PPO); DPO has none: its KL to the reference
+            proxy = "eval/rm_score" if self.per_step else "eval/kl"
+            what = "reward-model score" if self.per_step else "KL to the reference"
             if with_gold:
                 best = max(with_gold, key=lambda e: e["eval/gold"])
                 drop = best["eval/gold"] - evaluation["eval/gold"]
-                proxy_then, proxy_now = best.get("eval/rm_score", -math.inf), evaluation.get("eval/rm_score", math.inf)
+                proxy_then, proxy_now = best.get(proxy, -math.inf), evaluation.get(proxy, math.inf)
                 if drop >= c.gold_drop and proxy_now >= proxy_then:
                     yield "gold_drop", (f"held-out gold is {evaluation['eval/gold']:.3g}, down {drop:.3g} from its best "
-                                        f"{best['eval/gold']:.3g}, while the held-out reward-model score rose from "
+                                        f"{best['eval/gold']:.3g}, while the held-out {what} rose from "
                                         f"{proxy_then:.3g} to {proxy_now:.3g} (monitor.gold_drop={c.gold_drop:g})")
                     return
             yield "gold_drop", None
+
+    def _dpo_rules(self, evaluation: dict[str, float], earlier: list[dict[str, float]]):
+        """Per-step rules read from the held-out evaluations (DPO): each against the first evaluation."""
+        c = self.cfg
+        if self.kl_max is not None and "eval/kl" in evaluation:
+            kl = evaluation["eval/kl"]
+            yield "kl_runaway", (f"held-out KL to the reference is {kl:.3g} nats, above monitor.kl_max={self.kl_max:g}"
+                                 ) if kl > self.kl_max else None
+        first = earlier[0] if earlier else None
+        if first is None:
+            return
+        if c.length_growth is not None and first.get("eval/response_length", 0) > 0:
+            now, then = evaluation.get("eval/response_length", 0.0), first["eval/response_length"]
+            yield "length_growth", (f"held-out answers average {now:.3g} tokens, {now / then:.2f}x the first "
+                                    f"evaluation's {then:.3g} (monitor.length_growth={c.length_growth:g})"
+                                    ) if now >= c.length_growth * then else None
+        if first.get("eval/policy_entropy", 0) > 0 and "eval/policy_entropy" in evaluation:
+            now, then = evaluation["eval/policy_entropy"], first["eval/policy_entropy"]
+            found = None
+            if c.entropy_min is not None and now < c.entropy_min:
+                found = f"held-out policy entropy is {now:.3g} nats, below monitor.entropy_min={c.entropy_min:g}"
+            elif c.entropy_drop is not None and now <= c.entropy_drop * then:
+                found = (f"held-out policy entropy is {now:.3g} nats, {now / then:.2f}x the first evaluation's "
+                         f"{then:.3g} (monitor.entropy_drop={c.entropy_drop:g})")
+            yield "entropy_collapse", found
+
+
+def monitor_of(cfg, run, per_step: bool = True):
+    """The health monitor (monitor.*; None when off) of a PPO run (``per_step``) or a DPO run (its held-out
+    evaluations only): each alarm a warning line on stderr and a W&B alert (main process); a resumed run's
+    earlier metrics are replayed into it first, so its windows continue."""
+    if not cfg.monitor.enabled:
+        return None
+
+    def notify(alarm) -> None:
+        if not run.main:
+            return
+        print(f"rlhf_exp: warning: {alarm.line()}", file=sys.stderr, flush=True)
+        run.alert(f"{run.run_id}: {alarm.rule}", alarm.line())
+
+    monitor = Monitor(cfg.monitor, kl_target=cfg.phase.kl_target if per_step else None, per_step=per_step)
+    if run.resuming:
+        monitor.replay(run.previous)
+    monitor.notify = notify
+    return monitor

@@ -243,7 +243,7 @@ def quick_parents(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_optuna_sweep_runs_trials_and_finds_the_best(quick_parents):
     proc = run_cli(["-m", "sweep=ppo_optuna", "hydra.sweeper.n_trials=2", "phase.max_steps=2",
-                    "phase.rollout_batch_size=16", *QUICK, f"output_root={quick_parents}"])
+                    "phase.rollout_batch_size=16", *QUICK, "logger=wandb", f"output_root={quick_parents}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     sweep = only_sweep(quick_parents)
     s = read_json(sweep / "sweep_summary.json")
@@ -252,6 +252,12 @@ def test_optuna_sweep_runs_trials_and_finds_the_best(quick_parents):
         assert 2e-5 <= job["params"]["phase.learning_rate"] <= 5e-4 and 0.005 <= job["params"]["phase.kl_coef"] <= 0.3
         assert "phase.kl_ctrl=fixed" in job["overrides"] and job["metrics"]["steps"] == 2
     assert len({j["params"]["phase.learning_rate"] for j in s["jobs"]}) == 2, "each trial samples its own values"
+    # W&B (offline here): the jobs share the sweep's name as their group, named by their swept values
+    for job in s["jobs"]:
+        wandb = read_json(sweep / job["run_id"] / "manifest.json")["wandb"]
+        assert wandb["group"] == "ppo_optuna" and wandb["job_type"] == "ppo", wandb
+        assert wandb["name"].startswith("ppo ") and "kl_coef=" in wandb["name"] and "learning_rate=" in wandb["name"]
+        assert list((sweep / job["run_id"] / "wandb").glob("offline-run-*"))
     optuna = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert optuna["best_value"] == pytest.approx(s["best"]["objective"])
     assert optuna["best_params"] == pytest.approx(s["best"]["params"])

@@ -151,6 +151,11 @@ class LauncherName(StrEnum):
     slurm = "slurm"
 
 
+class ArtifactMode(StrEnum):
+    reference = "reference"
+    upload = "upload"
+
+
 class WandbMode(StrEnum):
     # online when an API key is available, otherwise offline
     auto = "auto"
@@ -358,6 +363,11 @@ class DPOPhaseConfig(PhaseConfig):
     # SFT run to start from: a run folder or run id; null = latest successful SFT run of the
     # same model and data under output_root
     sft_run: Optional[str] = None
+    # phase.eval_steps (above; null: every epoch): greedy answers to this many held-out prompts give eval/* in
+    # metrics.jsonl (gold, KL to the reference, length, policy entropy, distinct-1/2; rlhf_exp.heldout); 0: off
+    eval_num_prompts: int = 64
+    # ... and self-BLEU (eval/self_bleu) over this many answers sampled per prompt (0 or 1: none)
+    eval_samples: int = 4
 
 
 @dataclass
@@ -423,6 +433,8 @@ class PPOPhaseConfig(PhaseConfig):
     # phase.eval_steps (above): every N steps (and at the last) greedy answers to this many held-out prompts give
     # eval/* in metrics.jsonl (gold, RM score, KL to the reference, length, entropy, distinct-1/2)
     eval_num_prompts: int = 64
+    # ... and self-BLEU (eval/self_bleu) over this many answers sampled per prompt at phase.temperature (0 or 1: none)
+    eval_samples: int = 4
     # the checkpoint kept as "best" follows held-out gold where a gold reward exists, else the held-out RM score
     # among evaluations whose held-out KL is at most this (null: 2 x kl_target); only checkpoints saved at an
     # evaluated step take part (align phase.save_steps with phase.eval_steps)
@@ -490,7 +502,14 @@ class LoggerConfig:
     entity: Optional[str] = None
     mode: WandbMode = WandbMode.auto
     tags: list[str] = field(default_factory=list)
+    # W&B group; null: the sweep's name (sweep=<name>) or folder for a sweep job, the pipeline's folder for a
+    # pipeline's phase, none for a single run (docs/wandb.md)
     group: Optional[str] = None
+    # log the final checkpoint as a W&B artifact <phase>-<run id> with its lineage (parents, config hash, metrics)
+    log_artifacts: bool = False
+    # reference: a file:// reference to the checkpoint folder (checksums only, nothing copied or uploaded);
+    # upload: its files are uploaded to W&B
+    artifact_mode: ArtifactMode = ArtifactMode.reference
 
 
 # ------------------------------------------------------------------------ launcher
@@ -558,7 +577,7 @@ class OnAlarm(StrEnum):
 
 @dataclass
 class MonitorConfig:
-    """Health monitor of PPO (rlhf_exp.monitor; docs/monitor.md has the numbers behind the defaults)."""
+    """Health monitor of PPO and DPO (rlhf_exp.monitor; docs/monitor.md has the numbers behind the defaults)."""
 
     enabled: bool = True
     # what an alarm does: warn (a line on stderr, summary.json, a W&B alert), checkpoint (also saves a
@@ -585,6 +604,8 @@ class MonitorConfig:
     entropy_min: Optional[float] = None
     # repetition: held-out distinct-1/2 down by this fraction from their best evaluation (null: off)
     distinct_drop: Optional[float] = 0.3
+    # repetition: held-out self-BLEU up by this much (absolute, on 0-1) from its lowest evaluation (null: off)
+    self_bleu_rise: Optional[float] = 0.3
     # over-optimisation: gold (held-out eval/gold, or windows of ppo/gold_reward) down this much from its best
     # while the reward model's score did not fall (null: off)
     gold_drop: Optional[float] = 0.05

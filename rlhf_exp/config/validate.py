@@ -102,6 +102,9 @@ def validate(cfg: DictConfig) -> None:
           f"resume={cfg.resume}: use auto, never, or a run folder to continue")
     if phase_name == "dpo":
         check(phase.beta > 0, f"phase.beta={phase.beta}: must be > 0 (typical 0.01-0.5)")
+        check(phase.eval_num_prompts >= 0, f"phase.eval_num_prompts={phase.eval_num_prompts}: must be >= 0 (0: off)")
+    if phase_name in ("ppo", "dpo"):
+        check(phase.eval_samples >= 0, f"phase.eval_samples={phase.eval_samples}: must be >= 0 (0 or 1: no self-BLEU)")
     if phase_name == "ppo":
         check(0 < phase.cliprange < 1, f"phase.cliprange={phase.cliprange}: must be in (0, 1)")
         check(phase.kl_coef >= 0, f"phase.kl_coef={phase.kl_coef}: must be >= 0")
@@ -206,7 +209,7 @@ def _monitor_errors(cfg: DictConfig) -> list[str]:
         errors.append(f"monitor.window={mon.window}: must be >= 2 (steps per moving window)")
     if mon.warmup_steps < 0:
         errors.append(f"monitor.warmup_steps={mon.warmup_steps}: must be >= 0")
-    for key in ("kl_max", "kl_min", "entropy_min", "gold_drop"):
+    for key in ("kl_max", "kl_min", "entropy_min", "gold_drop", "self_bleu_rise"):
         if mon[key] is not None and not mon[key] > 0:
             errors.append(f"monitor.{key}={mon[key]}: must be > 0, or null (rule off)")
     if mon.kl_max is not None and mon.kl_min is not None and mon.kl_min >= mon.kl_max:
@@ -221,7 +224,7 @@ def _monitor_errors(cfg: DictConfig) -> list[str]:
     if not 0 <= mon.corr_rise < 2:
         errors.append(f"monitor.corr_rise={mon.corr_rise}: must be in [0, 2)")
     phase = cfg.phase
-    if (mon.enabled and str(mon.on_alarm) == "checkpoint" and OmegaConf.select(cfg, "phase.name") == "ppo"
+    if (mon.enabled and str(mon.on_alarm) == "checkpoint" and OmegaConf.select(cfg, "phase.name") in ("ppo", "dpo")
             and not resumable_checkpoints(phase)):
         errors.append("monitor.on_alarm=checkpoint saves a resumable checkpoint at an alarm, but phase.save_steps and "
                       "phase.save_minutes are both null (no checkpoints): set one of them, or monitor.on_alarm=warn|stop")

@@ -205,10 +205,11 @@ class Lengths:
             def chars(x):
                 return len(x) if isinstance(x, str) else sum(len(m["content"]) for m in x)
             return chars(prompt), chars(chosen), chars(rejected)
-        if isinstance(prompt, list):
-            p = len(tok.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True))
-            return (p, *(len(tok.apply_chat_template(prompt + answer, tokenize=True)) - p
-                         for answer in (chosen, rejected)))
+        if isinstance(prompt, list):  # the chat template's ids, as the trainers tokenize them (data.encode)
+            from rlhf_exp.data.encode import prompt_ids, scored_ids
+
+            p = len(prompt_ids(tok, prompt))
+            return (p, *(len(scored_ids(tok, prompt, answer)) - p for answer in (chosen, rejected)))
         eos = 1 if tok.eos_token_id is not None else 0
         return (len(tok(prompt)["input_ids"]), *(len(tok(answer, add_special_tokens=False)["input_ids"]) + eos
                                                  for answer in (chosen, rejected)))

@@ -140,10 +140,3 @@ def kl_controller(kind: str, kl_coef: float, target: float, horizon: int) -> Fix
     if kind == "adaptive":
         return AdaptiveKLController(kl_coef, target, horizon)
     raise ValueError(f"unknown KL controller {kind!r}: use fixed or adaptive")
-
-
-def distinct_n(answers: list[list[int]], n: int) -> float:
-    """Distinct-n of a set of answers (token ids): unique n-grams over all n-grams, pooled over the answers
-    (Li et al., 2016); 1.0 when no answer has n tokens. Falls as answers grow repetitive or alike."""
-    grams = [tuple(a[i:i + n]) for a in answers for i in range(len(a) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 1.0

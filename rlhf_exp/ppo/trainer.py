@@ -19,11 +19,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from rlhf_exp import diversity
 from rlhf_exp.data.encode import is_chat, pad, position_ids, scored_ids
 from rlhf_exp.data.encode import prompt_ids as encode_prompt
 from rlhf_exp.evaluation import own_generation_config, score_ids
+from rlhf_exp.heldout import sample_groups
 from rlhf_exp.monitor import pearson
 from rlhf_exp.ppo import core
+from rlhf_exp.sampling import SeededSampler, sample, token_logprobs  # noqa: F401 (also imported from here)
 
 
 @dataclass
@@ -38,50 +41,6 @@ class Rollout:
     scores: torch.Tensor  # raw reward-model scores, [B]
     prompts: list  # strings or message lists, as in the data
     texts: list[str]
-
-
-def token_logprobs(model, input_ids, attention_mask, prompt_len: int, temperature: float):
-    """Log-probabilities (and entropies) of the response tokens under ``model``, positions counted over
-    real tokens (the prompts are left-padded), as generate() counted them."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=position_ids(attention_mask)).logits[:, prompt_len - 1:-1].float()
-    logits = logits / temperature
-    logp_all = torch.log_softmax(logits, dim=-1)
-    logprobs = torch.gather(logp_all, 2, input_ids[:, prompt_len:].unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logprobs, entropy
-
-
-class SeededSampler:
-    """A logits processor that turns greedy decoding into sampling at ``temperature`` (inverse-CDF
-    sampling with one uniform number per row and token) from a generator seeded per PPO step. The
-    numbers are drawn for the whole rollout batch and each process uses the rows of its own prompts,
-    so a prompt's answer is the same whichever process generated it and however many there are: a
-    2-process run samples exactly what 1 process samples, and rollouts are reproducible from the seed.
-    It samples from softmax(logits / temperature), the distribution ``token_logprobs`` scores: no
-    top-p/top-k truncation (refused by validate) and no processor from the checkpoint's generation
-    config (``own_generation_config``), so PPO's old log-probabilities describe the sampler exactly."""
-
-    def __init__(self, temperature: float, seed: int, rows: slice, total_rows: int, device):
-        self.temperature, self.rows, self.total_rows = temperature, rows, total_rows
-        self.generator = torch.Generator(device=device).manual_seed(seed)
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        cdf = torch.softmax(scores.float() / self.temperature, dim=-1).cumsum(-1)
-        u = torch.rand(self.total_rows, generator=self.generator, device=self.generator.device)[self.rows]
-        pick = torch.searchsorted(cdf, (u.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)).clamp(max=cdf.shape[-1] - 1)
-        # greedy decoding then takes exactly the sampled token
-        return torch.full_like(scores, float("-inf")).scatter(-1, pick, 0.0)
-
-
-def sample(model, tokenizer, input_ids, attention_mask, sampler: SeededSampler, max_new_tokens: int, **kwargs):
-    """Prompt + sampled answer ids: greedy decoding over the sampler's one-hot logits, with no processor
-    of the checkpoint's own generation config (repetition penalty, top-k, ...) in between."""
-    from transformers import LogitsProcessorList
-
-    with own_generation_config(model, tokenizer, do_sample=False, max_new_tokens=max_new_tokens) as config:
-        return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                              logits_processor=LogitsProcessorList([sampler]), **kwargs)
 
 
 def token_values(critic, input_ids, attention_mask, prompt_len: int):
@@ -223,9 +182,10 @@ class PPOTrainer:
         """Held-out metrics of the policy now (``eval/*``): greedy answers to ``phase.eval_num_prompts`` held-out
         prompts, their raw reward-model score, the sequence-level KL of those answers to the reference (summed
         log-ratio per answer), their mean length in tokens, the policy's mean entropy on them, distinct-1/2 of
-        their tokens, and, on the embedded task, their mean gold reward (``eval/gold``; ``eval/gold_score``, logged
-        before training and after it, is the same over all data.synthetic.num_eval_prompts prompts). Every process
-        takes part (each answers its share); every process returns the same numbers."""
+        their tokens, self-BLEU of ``phase.eval_samples`` sampled answers per prompt (``eval/self_bleu``), and, on
+        the embedded task, their mean gold reward (``eval/gold``; ``eval/gold_score``, logged before training and
+        after it, is the same over all data.synthetic.num_eval_prompts prompts). Every process takes part (each
+        answers its share); every process returns the same numbers."""
         if not self.eval_prompts:
             return {}
         r, entropy = self._roll(self.eval_prompts, self.eval_prompt_ids, None, values=False)
@@ -236,9 +196,16 @@ class PPOTrainer:
             "eval/kl": kl.mean().item(),
             "eval/response_length": r.mask.sum(1).float().mean().item(),
             "eval/entropy": entropy.item(),
-            "eval/distinct_1": core.distinct_n(answers, 1),
-            "eval/distinct_2": core.distinct_n(answers, 2),
+            "eval/distinct_1": diversity.distinct_n(answers, 1),
+            "eval/distinct_2": diversity.distinct_n(answers, 2),
         }
+        # self-BLEU over phase.eval_samples sampled answers per prompt, from their own seed stream (the rollouts'
+        # sampling is untouched)
+        groups = sample_groups(self.engines.bare_policy(), self.tokenizer, self.eval_prompt_ids, self.phase.eval_samples,
+                               self.seed * 1_000_003 + 500_009 + self.steps_done, self.phase.temperature,
+                               self.phase.max_new_tokens, self.world, self.rank, **self.engines.generate_kwargs)
+        if groups is not None:
+            metrics["eval/self_bleu"] = diversity.self_bleu(groups)
         if self.gold_fn is not None:
             golds = [self.gold_fn(p, t) for p, t in zip(r.prompts, r.texts)]
             metrics["eval/gold"] = sum(golds) / len(golds)
@@ -420,10 +387,11 @@ class PPOTrainer:
         ``checkpoints`` set, a resumable checkpoint every ``save_steps`` steps / ``save_minutes`` minutes
         and when a stop signal arrives (then :class:`Interrupted` is raised after the save). ``monitor``
         (:class:`rlhf_exp.monitor.Monitor`) sees every step's metrics; on an alarm with monitor.on_alarm=checkpoint
-        a checkpoint is saved at that step, with stop one is saved (checkpoints on) and the loop ends there,
-        ``stopped_by_monitor`` saying why. Every rank holds the same metrics, so every rank decides alike."""
+        a checkpoint is saved at that step and kept to the end (checkpoints/alarms/), with stop one is saved
+        (checkpoints on) and the loop ends there, ``stopped_by_monitor`` saying why. Every rank holds the same
+        metrics, so every rank decides alike."""
         from rlhf_exp.launch.signals import GUARD, Interrupted
-        from rlhf_exp.tracking.checkpoints import prune
+        from rlhf_exp.tracking.checkpoints import keep_alarm_checkpoint, prune
 
         last: dict[str, float] = {}
         bar = tqdm(range(self.steps_done + 1, steps + 1), desc="ppo", disable=not self.accelerator.is_main_process,
@@ -449,6 +417,10 @@ class PPOTrainer:
             if checkpoints is not None and (save or (save_steps and step % save_steps == 0)):
                 folder = checkpoints / f"checkpoint-{step}"
                 self.save_checkpoint(folder, metric=self.selection_metric(evaluation))
+                if action == "checkpoint":  # kept to the end of the run, apart from the pruned ones
+                    kept = keep_alarm_checkpoint(folder, checkpoints.parent / "alarms")
+                    for alarm in alarms:
+                        alarm.checkpoint = str(kept)
                 prune(checkpoints, keep)
             if stop:
                 raise Interrupted(GUARD.signum, step, str(folder) if checkpoints is not None else None)

@@ -45,6 +45,7 @@ def build(cfg: RunConfig, run: Run):
     # checkpoint again, frozen, so in the half dtype (TRL would load it in the policy's fp32)
     ref_model = None if hw.lora else load_causal_lm(cfg.model, hw, tokenizer, checkpoint=sft["checkpoint"], trained=False)
     log, cbs = callbacks(cfg, run, data)
+    held_out = held_out_eval(cfg, run, data, tokenizer, metrics)
     trainer = DPOTrainer(
         # TRL puts the adapters on (peft_config): given an already wrapped model it would add a second, "ref"
         # adapter as the reference instead of disabling the adapters
@@ -55,10 +56,29 @@ def build(cfg: RunConfig, run: Run):
         eval_dataset=data.eval,
         processing_class=tokenizer,
         peft_config=lora_config(cfg.model, hw),
-        callbacks=cbs,
+        callbacks=cbs if held_out is None else [*cbs, held_out],
     )
+    if held_out is not None:
+        held_out.trainer = trainer
     upcast_trained(trainer.model)
     return Built(trainer, log, tokenizer, data, metrics)
+
+
+def held_out_eval(cfg: RunConfig, run: Run, data, tokenizer, metrics: dict):
+    """The held-out evaluation every phase.eval_steps and the health monitor on it (rlhf_exp.heldout); None
+    without held-out prompts or with phase.eval_num_prompts=0."""
+    from rlhf_exp.data.loading import held_out_prompts
+    from rlhf_exp.data.synthetic import gold_reward
+    from rlhf_exp.heldout import HeldOutEval
+    from rlhf_exp.monitor import monitor_of
+    from rlhf_exp.runners.common import sharded
+
+    prompts = held_out_prompts(data)
+    if not prompts or cfg.phase.eval_num_prompts < 1:
+        return None
+    return HeldOutEval(cfg, run, prompts, tokenizer, metrics, gold_fn=gold_reward if data.eval_prompts else None,
+                       monitor=monitor_of(cfg, run, per_step=False),
+                       generate_kwargs={"synced_gpus": True} if sharded(cfg) else {})
 
 
 def run(cfg: RunConfig, run: Run) -> dict:

@@ -33,29 +33,6 @@ def _prompts(cfg: RunConfig, tokenizer, run: Run) -> tuple[list, list[list[int]]
     return [p for p, _ in prompts], [ids for _, ids in prompts], data
 
 
-def _monitor(cfg: RunConfig, run: Run):
-    """The health monitor (monitor.*; None when off): each alarm a warning line on stderr and a W&B alert (main
-    process); a resumed run's earlier metrics are replayed into it first, so its windows continue."""
-    from rlhf_exp.monitor import Monitor
-
-    if not cfg.monitor.enabled:
-        return None
-
-    def notify(alarm) -> None:
-        if not run.main:
-            return
-        print(f"rlhf_exp: warning: {alarm.line()}", file=sys.stderr, flush=True)
-        for sink in getattr(run, "_sinks", []):
-            if hasattr(sink, "alert"):
-                sink.alert(f"{run.run_id}: {alarm.rule}", alarm.line())
-
-    monitor = Monitor(cfg.monitor, kl_target=cfg.phase.kl_target)
-    if run.resuming:
-        monitor.replay(run.previous)
-    monitor.notify = notify
-    return monitor
-
-
 def run(cfg: RunConfig, run: Run) -> dict:
     from accelerate import Accelerator
 
@@ -111,7 +88,9 @@ def run(cfg: RunConfig, run: Run) -> dict:
         if resume_from is not None:
             trainer.load_checkpoint(resume_from)
         announce_resume(run, trainer.steps_done, resume_from)
-    monitor = _monitor(cfg, run)
+    from rlhf_exp.monitor import monitor_of
+
+    monitor = monitor_of(cfg, run)
     start = time.monotonic()
     last = trainer.train(steps, run.log, checkpoints, cfg.phase.save_steps, cfg.phase.save_minutes,
                          cfg.phase.keep_checkpoints, monitor=monitor)

@@ -172,6 +172,29 @@ def prune(trainer_dir: Path, keep: int, greater_is_better: bool = True) -> None:
         shutil.rmtree(partial, ignore_errors=True)
 
 
+def keep_alarm_checkpoint(folder: Path, alarms_dir: Path) -> Path:
+    """A copy of the complete checkpoint ``folder`` as ``alarms_dir/<its name>`` (monitor.on_alarm=checkpoint), made
+    of hard links where the filesystem allows (no second copy of the bytes; checkpoint files are never rewritten),
+    so that pruning and the end-of-run cleanup of ``checkpoints/trainer/`` leave it in place. Main process only;
+    returns the copy's path on every process."""
+    import os
+
+    dest = alarms_dir / folder.name
+    if not is_main_process():
+        return dest
+
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:  # another filesystem, or no hard links: a real copy
+            shutil.copy2(src, dst)
+
+    alarms_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(folder, dest, copy_function=link)
+    return dest
+
+
 def best_checkpoint(folders: list[Path], greater_is_better: bool = True) -> Path | None:
     scored = [(m, f) for f in folders if (m := metric_of(f)) is not None]
     if not scored:

@@ -150,19 +150,26 @@ def resolve_run(ref: str, output_root: str | Path, phase: str, key: str) -> dict
     return manifest
 
 
-def _candidates(output_root: str | Path, phase: str, keys: dict[str, str], where=None) -> list[dict]:
-    return [m for m in find_runs(output_root)
-            if m.get("phase") == phase and m.get("status") == "succeeded"
+def _matching(manifests: list[dict], phase: str, keys: dict[str, str], where=None) -> list[dict]:
+    return [m for m in manifests if m.get("phase") == phase and m.get("status") == "succeeded"
             and all(m.get(k) == v for k, v in keys.items()) and (where is None or where(m))]
+
+
+def _candidates(output_root: str | Path, phase: str, keys: dict[str, str], where=None) -> list[dict]:
+    return _matching(find_runs(output_root), phase, keys, where)
 
 
 def _latest(runs: list[dict]) -> dict | None:
     return max(runs, key=lambda m: (end_timestamp(m), m["run_id"]), default=None)
 
 
-def latest_run(output_root: str | Path, phase: str, keys: dict[str, str], where=None) -> dict | None:
-    """The successful run of ``phase`` with these lineage keys (and for which ``where(manifest)`` holds) that
-    ended last, by the instant its end_time names (see end_timestamp)."""
+def latest_run(output_root: str | Path | None, phase: str, keys: dict[str, str], where=None,
+               among: list[dict] | None = None) -> dict | None:
+    """The successful run of ``phase`` under ``output_root`` (or ``among`` these manifests) with these lineage keys
+    (and for which ``where(manifest)`` holds) that ended last, by the instant its end_time names (see
+    end_timestamp)."""
+    if among is not None:
+        return _latest(_matching(among, phase, keys, where))
     return _latest(_candidates(output_root, phase, keys, where))
 
 

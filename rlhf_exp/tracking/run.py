@@ -228,10 +228,43 @@ class Run:
 
     def _open_sinks(self, resume: bool = False) -> None:
         if self.cfg.logger.name == "wandb":
-            from rlhf_exp.tracking.wandb_sink import WandbSink
+            from rlhf_exp.tracking.wandb_sink import WandbSink, identity
 
+            # the W&B group, job type, name and tags, kept in the manifest: a resumed run (resume=<folder> of a
+            # sweep job runs as a single run) keeps those it started with
+            ident = self.manifest.get("wandb") if resume else None
+            if not isinstance(ident, dict):
+                ident = scrub(identity(self.cfg.logger, self.dir, self.run_id, self.phase, model_label(self.cfg)))
+                self.manifest["wandb"] = ident
+                write_json_atomic(self.dir / "manifest.json", self.manifest)
             resolved = scrub(OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True))
-            self._sinks.append(WandbSink(self.cfg.logger, self.run_id, self.dir, resolved, resume=resume))
+            self._sinks.append(WandbSink(self.cfg.logger, self.run_id, self.dir, resolved, resume=resume, ident=ident))
+
+    def alert(self, title: str, text: str) -> None:
+        """An alert on every sink that has them (W&B; refused offline, said once there)."""
+        if not self.main:
+            return
+        for sink in self._sinks:
+            if hasattr(sink, "alert"):
+                sink.alert(title, text)
+
+    def _log_checkpoint(self, summary: dict[str, Any]) -> None:
+        """``logger.log_artifacts``: the final checkpoint as a W&B artifact with its lineage (wandb_sink)."""
+        logger = self.cfg.logger
+        if not logger.get("log_artifacts") or summary["checkpoint"] is None:
+            return
+        from rlhf_exp.tracking.wandb_sink import artifact_name
+
+        parents = [{"phase": p["phase"], "run_id": p["run_id"], "artifact": artifact_name(p["phase"], p["run_id"]),
+                    "checkpoint": p.get("checkpoint")} for p in self.parents if p.get("run_id")]
+        metadata = {"run_id": self.run_id, "phase": self.phase, "run_dir": str(self.dir),
+                    **{k: self.manifest.get(k) for k in ("model", "data", "config_hash", "model_key", "data_key",
+                                                         "seed", "git_commit")},
+                    "parents": parents, "metrics": summary["metrics"]}
+        for sink in self._sinks:
+            if hasattr(sink, "log_checkpoint"):
+                sink.log_checkpoint(summary["checkpoint"], self.phase, self.run_id, metadata, parents,
+                                    mode=str(logger.get("artifact_mode", "reference")))
 
     def truncate_metrics(self, step: int) -> None:
         """Drop records logged after ``step`` (the checkpoint resumed from): they are logged again."""
@@ -324,6 +357,10 @@ class Run:
             self.manifest["checkpoint"] = summary["checkpoint"]
             for sink in self._sinks:
                 sink.summary(summary["metrics"])
+            try:
+                self._log_checkpoint(summary)
+            except Exception as exc:  # never the run's result
+                print(f"rlhf_exp: W&B: checkpoint artifact not logged ({type(exc).__name__}: {exc})", file=sys.stderr)
         self._summary_written = True
         return summary
 

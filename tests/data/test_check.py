@@ -218,3 +218,41 @@ def test_runs_record_the_checks_in_their_summary(compose, tmp_path):
     assert check["rows"] == 200 and check["schema"] == 0 and check["over_max_length"] == 0
     assert check["agreement"]["annotators"] == 2 and check["agreement"]["cohen_kappa"] is not None
     assert data["eval"]["check"]["rows"] == 40
+
+
+@pytest.mark.parametrize("family", ["llama3_1", "mistral_v03", "qwen2_5"])
+def test_chat_rows_are_measured_in_the_templates_tokens(scaled_model, compose, tmp_path, family):
+    """Chat-format pairs on a real chat template (scaled-down models, real templates): lengths are the trainers' ids
+    (prompt with the generation prompt; each answer with its end of turn), checked here against the rendered
+    template tokenized as text, and the over-length pair is named with those counts."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(scaled_model(family))
+
+    def user(text):
+        return [{"role": "user", "content": text}]
+
+    def said(text):
+        return [{"role": "assistant", "content": text}]
+
+    rows = [{"prompt": user("Sort these digits: 3 1 2"), "chosen": said("1 2 3"), "rejected": said("3 2 1")},
+            {"prompt": user("Sort these digits: 5 4"), "chosen": said("4 5 " * 20), "rejected": said("5 4")}]
+
+    def rendered(messages, **kw) -> int:  # the template as text, then tokenized: another path to the same ids
+        return len(tok(tok.apply_chat_template(messages, tokenize=False, **kw), add_special_tokens=False)["input_ids"])
+
+    expected = []
+    for row in rows:
+        p = rendered(row["prompt"], add_generation_prompt=True)
+        expected.append((p, rendered(row["prompt"] + row["chosen"]) - p, rendered(row["prompt"] + row["rejected"]) - p))
+    assert expected[0][0] > 10  # the template's header tokens count, not the 2 keys of a BatchEncoding
+    limit = max(sum(expected[0][:2]), sum(expected[0][::2]), sum(expected[1][::2])) + 1
+    assert sum(expected[1][:2]) > limit
+    path = write_rows(tmp_path / "chat.jsonl", rows)
+    cfg = typed(compose, ["data=jsonl", f"data.train_file={path}", "phase=rm", f"phase.max_length={limit}"])
+    (split,) = run_checks(cfg, tok)["splits"]
+    lengths = split["lengths"]
+    assert lengths["prompt"]["max"] == max(e[0] for e in expected) and lengths["prompt"]["min"] == min(e[0] for e in expected)
+    assert lengths["chosen"]["max"] == expected[1][1] and lengths["rejected"]["min"] == min(e[2] for e in expected)
+    over = split["warnings"]["over_max_length"]
+    assert over["count"] == 1 and over["rows"][0].startswith(f"line 2: {expected[1][0]} + {expected[1][1]} tokens"), over

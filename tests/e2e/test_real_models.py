@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import read_json, run_cli
+from tests.conftest import read_json, read_metrics, run_cli
 
 FAMILIES = ("llama3_1", "mistral_v03", "qwen2_5")
 # PPO's gold gain over SFT that each template must reach. Llama 3.1's stays under the embedded chain's +0.05 at
@@ -103,6 +103,12 @@ def test_chat_task_chain_learns_on_each_template(scaled_model, family, chat_chai
     assert m["rm"]["eval_accuracy"] >= 0.65
     assert m["ppo"]["gold_score"] >= m["sft"]["gold_score"] + PPO_GAIN[family] and m["ppo"]["kl"] < 2 * 1.0  # 1-nat target
     assert m["dpo"]["gold_score"] > m["sft"]["gold_score"]
+    # the held-out evaluations during training: PPO every 40 steps (its recipe), DPO every epoch
+    for phase, count in (("ppo", 2), ("dpo", 2)):
+        evals = {r["step"]: r for r in read_metrics(root / phase) if "eval/kl" in r}
+        assert len(evals) == count and max(evals) == m[phase]["steps"], (phase, sorted(evals))
+        for row in evals.values():
+            assert 0 <= row["eval/gold"] <= 1 and 0 < row["eval/self_bleu"] <= 1 and row["eval/response_length"] > 0
     preview = [json.loads(line) for line in (root / "sft" / "data_preview.jsonl").read_text().splitlines()]
     assert len(preview) == 5 and "Sort these digits:" in preview[0]["input_ids"]["text"]
     assert summaries["sft"]["data"]["train"]["loaded"] == 4096
@@ -167,27 +173,63 @@ SHORT = ["pipeline.sft.max_steps=4", "pipeline.rm.max_steps=4", "pipeline.dpo.ma
          "pipeline.ppo.rollout_batch_size=8", "pipeline.ppo.num_mini_batches=2"]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("layout", ["hh_rlhf", "ultrafeedback_binarized", "jsonl_hh"])
-def test_public_layout_files_run_the_whole_chain(scaled_model, layout, tmp_path):
-    """A user's local copy of HH-RLHF / UltraFeedback, pointed at with the documented settings."""
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
+LAYOUTS = ("hh_rlhf", "ultrafeedback_binarized", "jsonl_hh")
+
+
+def layout_args(layout: str, data_dir: Path, scaled_model) -> list[str]:
+    """A user's local copy of the layout's data (40 pairs) and the documented settings pointing at it."""
+    data_dir.mkdir(parents=True, exist_ok=True)
     if layout == "ultrafeedback_binarized":
         import datasets
 
         path = data_dir / "train_prefs-00000-of-00001.parquet"
         datasets.Dataset.from_list(ultrafeedback_rows(40)).to_parquet(str(path))
-        args = ["data=ultrafeedback_binarized", f"data.path={path}"]
-        folder = scaled_model("qwen2_5")
-    else:
-        path = data_dir / "train.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in hh_rows(40)))
-        args = ["data=hh_rlhf", f"data.path={path}"] if layout == "hh_rlhf" else ["data=jsonl", f"data.train_file={path}"]
-        folder = scaled_model("llama3_1")
-    summaries, root = pipeline(tmp_path / "out", f"model.path={folder}", *args, *SHORT)
+        return ["data=ultrafeedback_binarized", f"data.path={path}", f"model.path={scaled_model('qwen2_5')}"]
+    path = data_dir / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in hh_rows(40)))
+    data = ["data=hh_rlhf", f"data.path={path}"] if layout == "hh_rlhf" else ["data=jsonl", f"data.train_file={path}"]
+    return [*data, f"model.path={scaled_model('llama3_1')}"]
+
+
+@pytest.fixture(scope="module")
+def layout_chain(scaled_model, tmp_path_factory, request):
+    """layout -> (summaries, pipeline folder) of the short chain on that layout's files. The selected layouts' chains
+    are started together on first use, side by side (one CLI process per core: each runs on one thread), since each
+    is mostly start-up and the suite runs serially; the same commands as one after another."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    wanted = sorted({item.callspec.params["layout"] for item in request.session.items
+                     if getattr(item, "originalname", None) == "test_public_layout_files_run_the_whole_chain"},
+                    key=LAYOUTS.index)
+    pool = ThreadPoolExecutor(max_workers=max(1, min(len(wanted) or 1, len(os.sched_getaffinity(0)))))
+    chains: dict = {}
+
+    def get(layout: str):
+        if layout not in chains:
+            for name in [layout, *wanted]:  # data and scaled models made here, in the main thread
+                if name not in chains:
+                    folder = tmp_path_factory.mktemp(f"layout_{name}")
+                    args = layout_args(name, folder / "data", scaled_model)
+                    chains[name] = pool.submit(pipeline, folder / "out", *args, *SHORT)
+        return chains[layout].result()
+
+    yield get
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_public_layout_files_run_the_whole_chain(layout, layout_chain):
+    """A user's local copy of HH-RLHF / UltraFeedback, pointed at with the documented settings."""
+    summaries, root = layout_chain(layout)
     assert set(summaries) == {"sft", "rm", "ppo", "dpo"}
     assert summaries["sft"]["data"]["train"]["loaded"] >= 36  # 40 less the carved-out eval split
     preview = (root / "dpo" / "data_preview.jsonl").read_text()
     assert ("<|start_header_id|>assistant<|end_header_id|>" if layout != "ultrafeedback_binarized"
             else "<|im_start|>assistant") in preview
+    # the held-out evaluation (at the last step among others), on the eval split's prompts: no gold reward here
+    for phase in ("ppo", "dpo"):
+        last = [r for r in read_metrics(root / phase) if "eval/kl" in r][-1]
+        assert last["step"] == summaries[phase]["metrics"]["steps"] and "eval/gold" not in last, last
+        assert 0 <= last["eval/self_bleu"] <= 1 and last["eval/response_length"] > 0

@@ -183,6 +183,9 @@ def test_two_process_dpo_matches_one_process(tmp_path, sft_run):
     assert_close(losses(one, "train/loss"), losses(two, "train/loss"))
     assert_close(losses(one, "eval/loss"), losses(two, "eval/loss"))
     assert losses(two, "train/loss")[-1] < losses(two, "train/loss")[0]
+    # the held-out evaluation (rlhf_exp.heldout): each process answers half the prompts, samples included
+    for key in ("eval/gold", "eval/kl", "eval/response_length", "eval/distinct_2", "eval/self_bleu"):
+        assert_close(losses(one, key), losses(two, key))
 
 
 @pytest.mark.slow

@@ -6,22 +6,11 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
-import pytest
-
-from rlhf_exp.ppo.core import distinct_n
 from rlhf_exp.ppo.trainer import PPOTrainer
 from tests.conftest import read_json, run_cli
 
 EVAL_KEYS = {"eval/gold", "eval/rm_score", "eval/kl", "eval/response_length", "eval/entropy", "eval/distinct_1",
-             "eval/distinct_2"}
-
-
-def test_distinct_n_by_hand():
-    # unigrams of [1 2 1] + [1 3]: 1,2,1,1,3 -> {1,2,3} = 3 of 5; bigrams: (1,2),(2,1),(1,3) -> 3 of 3
-    assert distinct_n([[1, 2, 1], [1, 3]], 1) == pytest.approx(3 / 5)
-    assert distinct_n([[1, 2, 1], [1, 3]], 2) == 1.0
-    assert distinct_n([[7, 7, 7, 7]], 2) == pytest.approx(1 / 3)  # one bigram, three times
-    assert distinct_n([[5]], 2) == 1.0  # no bigram at all
+             "eval/distinct_2", "eval/self_bleu"}
 
 
 def _selection(**phase) -> PPOTrainer:
@@ -51,6 +40,7 @@ def test_ppo_logs_held_out_metrics_and_keeps_the_best_by_held_out_gold(sft_run, 
     for row in evals.values():
         assert EVAL_KEYS <= set(row), row
         assert 0 <= row["eval/gold"] <= 1 and 0 < row["eval/distinct_2"] <= 1 and row["eval/response_length"] > 0
+        assert 0 < row["eval/self_bleu"] <= 1
     assert evals[5]["eval/kl"] > 0  # the policy moved away from the reference
     summary = read_json(run / "summary.json")["metrics"]
     assert summary["eval_gold"] == evals[20]["eval/gold"] and summary["eval_kl"] == evals[20]["eval/kl"]

@@ -1,6 +1,7 @@
-"""The PPO health monitor (rlhf_exp.monitor): each rule on synthetic metric streams, the config rules, and
-through the CLI: a provoked-hacking run (kl_coef=0) fires and monitor.on_alarm=stop ends it cleanly, while the
-README's tiny PPO raises no alarm."""
+"""The health monitor (rlhf_exp.monitor) of PPO and DPO: each rule on synthetic metric streams, the config rules,
+and through the CLI: a provoked-hacking PPO run (kl_coef=0) fires, monitor.on_alarm=stop ends it cleanly and
+monitor.on_alarm=checkpoint keeps a checkpoint of the alarm's step; a provoked DPO run (beta 0.01, a high learning
+rate) fires on its held-out evaluations; the README's main command raises no alarm in PPO or DPO."""
 
 from __future__ import annotations
 
@@ -103,6 +104,54 @@ def test_gold_drop_while_proxy_rises_on_evaluations():
     assert rules(feed(healthy, evals=lambda s: evaluation(s, gold=0.9 - 0.01 * s, rm=1 - 0.01 * s))) == []
 
 
+def test_self_bleu_rise():
+    monitor = feed(healthy, evals=lambda s: {**evaluation(s), "eval/self_bleu": 0.4 if s < 40 else 0.75})
+    assert rules(monitor) == ["self_bleu_rise"]
+    assert monitor.alarms[0].step == 40 and "self-BLEU is 0.75, up 0.35 from its lowest 0.4" in monitor.alarms[0].saw
+    assert rules(feed(healthy, evals=lambda s: {**evaluation(s), "eval/self_bleu": 0.4 + 0.005 * s})) == []
+
+
+def dpo_eval(step: int, gold: float = 0.9, kl: float = 2.0, length: float = 6.0, entropy: float = 0.12,
+             d2: float = 0.17) -> dict[str, float]:
+    """Numbers like the README's tiny DPO's held-out evaluations (rlhf_exp.heldout)."""
+    return {"eval/gold": gold, "eval/kl": kl, "eval/response_length": length, "eval/policy_entropy": entropy,
+            "eval/distinct_1": 0.028, "eval/distinct_2": d2, "eval/self_bleu": 0.93}
+
+
+def feed_dpo(evals, cfg: MonitorConfig | None = None, steps=(16, 32, 48, 64, 80, 96, 112, 126)) -> Monitor:
+    monitor = Monitor(cfg or MonitorConfig(), kl_target=None, per_step=False)
+    for step in steps:
+        monitor.update(step, {}, evals(step))
+    return monitor
+
+
+def test_dpo_reads_its_evaluations_only():
+    # the README's tiny DPO (measured: gold 0.951 -> 0.921, KL 2.07 -> 2.82): healthy
+    assert rules(feed_dpo(lambda s: dpo_eval(s, gold=0.95 - 0.0002 * s, kl=2 + 0.006 * s))) == []
+    # beta 0.01, lr 3e-3 (measured: gold 0.707 -> 0.582 while KL 13.1 -> 15.3 at step 48): over-optimisation
+    monitor = feed_dpo(lambda s: dpo_eval(s, gold=0.7 if s < 48 else 0.58, kl=13 + 0.05 * s))
+    assert rules(monitor) == ["gold_drop"] and monitor.alarms[0].step == 48
+    assert "KL to the reference rose" in monitor.alarms[0].saw and "phase.beta" in monitor.alarms[0].fix
+    assert "kl_coef" not in monitor.alarms[0].fix
+    # gold falling while the policy moves back towards the reference is not over-optimisation
+    assert rules(feed_dpo(lambda s: dpo_eval(s, gold=0.9 - 0.002 * s, kl=5 - 0.02 * s))) == []
+    # length and entropy against the first evaluation; KL runaway only with monitor.kl_max set
+    assert rules(feed_dpo(lambda s: dpo_eval(s, length=6 if s < 64 else 8))) == ["length_growth"]
+    assert rules(feed_dpo(lambda s: dpo_eval(s, entropy=0.12 if s < 64 else 0.03))) == ["entropy_collapse"]
+    assert rules(feed_dpo(lambda s: dpo_eval(s, kl=50.0))) == []
+    limited = feed_dpo(lambda s: dpo_eval(s, kl=50.0), cfg=MonitorConfig(kl_max=20.0))
+    assert rules(limited) == ["kl_runaway"] and limited.alarms[0].step == 16
+    assert rules(feed_dpo(lambda s: dpo_eval(s, d2=0.17 if s < 64 else 0.1))) == ["distinct_drop"]
+
+
+def test_dpo_monitor_replays_a_resumed_runs_evaluations():
+    records = [{"step": s, **dpo_eval(s, gold=0.7 if s < 48 else 0.58, kl=13 + 0.05 * s)} for s in (16, 32, 48)]
+    heard = []
+    monitor = Monitor(MonitorConfig(), per_step=False, notify=heard.append)
+    monitor.replay(records)
+    assert rules(monitor) == ["gold_drop"] and heard == []
+
+
 def test_gold_drop_on_rollout_windows():
     stream = lambda s: {**healthy(s), "ppo/gold_reward": 0.9 - 0.005 * s, "ppo/reward": 0.5 + 0.02 * s}  # noqa: E731
     assert rules(feed(stream)) == ["gold_drop"]
@@ -181,13 +230,63 @@ def test_provoked_hacking_fires_and_stop_ends_cleanly(sft_run, rm_run, tmp_path)
     assert (run / "checkpoints" / "final").is_dir()
 
 
+def assert_alarm_checkpoint_kept(run, summary, alarm, steps: int):
+    kept = run / "checkpoints" / "alarms" / f"checkpoint-{alarm['step']}"
+    assert alarm["checkpoint"] == str(kept) and (kept / "complete.json").is_file(), alarm
+    assert read_json(kept / "complete.json")["step"] == alarm["step"] < steps
+    # the resumable checkpoints went at the end, but for the best one; the alarm's copy stays
+    left = {str(p) for p in (run / "checkpoints" / "trainer").glob("checkpoint-*")}
+    assert left <= {summary.get("best_checkpoint")}, left
+
+
+@pytest.mark.slow
+def test_ppo_on_alarm_checkpoint_keeps_that_steps_checkpoint_and_continues(sft_run, rm_run, tmp_path):
+    proc = run_cli([f"output_root={tmp_path}", "phase=ppo", f"phase.sft_run={sft_run}", f"phase.reward_run={rm_run}",
+                    "phase.kl_coef=0", "phase.kl_ctrl=fixed", "phase.max_steps=40", "monitor.on_alarm=checkpoint"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = only_run(tmp_path, "ppo")
+    summary = read_json(run / "summary.json")["metrics"]
+    assert summary["steps"] == 40 and "stopped_by_monitor" not in summary  # it went on
+    (first, *_) = summary["monitor_alarms"]
+    assert_alarm_checkpoint_kept(run, summary, first, 40)
+
+
+@pytest.mark.slow
+def test_provoked_dpo_fires_on_held_out_gold_and_keeps_the_alarm_checkpoint(sft_run, tmp_path):
+    """beta 0.01 at lr 3e-3: DPO drifts far from the SFT model (measured: held-out gold 0.707 at step 16 -> 0.582 at
+    step 48 while the KL to the reference rose 13.1 -> 15.3 nats)."""
+    proc = run_cli([f"output_root={tmp_path}", "phase=dpo", f"phase.sft_run={sft_run}", "phase.beta=0.01",
+                    "phase.learning_rate=3e-3", "phase.eval_steps=16", "monitor.on_alarm=checkpoint"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = only_run(tmp_path, "dpo")
+    summary = read_json(run / "summary.json")["metrics"]
+    evals = {r["step"]: r for r in read_metrics(run) if "eval/kl" in r}
+    assert sorted(evals) == [16, 32, 48, 64, 80, 96, 112, 126]
+    alarm = next(a for a in summary["monitor_alarms"] if a["rule"] == "gold_drop")
+    best = max(s for s in evals if s < alarm["step"] and evals[s]["eval/gold"] == max(
+        evals[t]["eval/gold"] for t in evals if t < alarm["step"]))
+    assert evals[best]["eval/gold"] - evals[alarm["step"]]["eval/gold"] >= 0.05
+    assert evals[alarm["step"]]["eval/kl"] >= evals[best]["eval/kl"]
+    assert f"monitor alarm gold_drop at step {alarm['step']}" in proc.stderr and "phase.beta" in alarm["fix"]
+    assert summary["steps"] == 126
+    assert_alarm_checkpoint_kept(run, summary, alarm, 126)
+
+
 @pytest.mark.slow
 def test_readme_main_command_raises_no_alarm(main_pipeline):
-    """The README's main command (pipeline=rlhf, the session's run): its PPO raises no alarm."""
+    """The README's main command (pipeline=rlhf, the session's run): its PPO and its DPO raise no alarm, with DPO's
+    held-out evaluations (phase.eval_steps=32 in its recipe) in metrics.jsonl."""
     proc, root = main_pipeline
-    summary = read_json(root / "ppo" / "summary.json")["metrics"]
-    assert summary["monitor_alarms"] == [] and "stopped_by_monitor" not in summary
+    for phase in ("ppo", "dpo"):
+        summary = read_json(root / phase / "summary.json")["metrics"]
+        assert summary["monitor_alarms"] == [] and "stopped_by_monitor" not in summary, phase
     assert "monitor alarm" not in proc.stderr
+    evals = {r["step"]: r for r in read_metrics(root / "dpo") if "eval/kl" in r}
+    assert sorted(evals) == [32, 64, 96, 126]
+    for row in evals.values():
+        assert {"eval/gold", "eval/kl", "eval/response_length", "eval/policy_entropy", "eval/distinct_1",
+                "eval/distinct_2", "eval/self_bleu"} <= set(row)
+        assert row["eval/kl"] > 0 and 0 < row["eval/self_bleu"] <= 1 and row["eval/response_length"] > 0
 
 
 def test_wandb_alert_sent_and_a_refusal_keeps_logging(capsys):

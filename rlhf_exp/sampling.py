@@ -1,0 +1,55 @@
+"""Sampling that PPO's log-probabilities describe exactly, shared by PPO's rollouts and the held-out evaluations
+of PPO and DPO (``rlhf_exp.heldout``): a seeded sampler reproducible across process counts, generation with our
+settings only, and the log-probabilities and entropies of the answer tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf_exp.data.encode import position_ids
+from rlhf_exp.evaluation import own_generation_config
+
+
+def token_logprobs(model, input_ids, attention_mask, prompt_len: int, temperature: float):
+    """Log-probabilities (and entropies) of the response tokens under ``model``, positions counted over
+    real tokens (the prompts are left-padded), as generate() counted them."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=position_ids(attention_mask)).logits[:, prompt_len - 1:-1].float()
+    logits = logits / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logprobs = torch.gather(logp_all, 2, input_ids[:, prompt_len:].unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logprobs, entropy
+
+
+class SeededSampler:
+    """A logits processor that turns greedy decoding into sampling at ``temperature`` (inverse-CDF
+    sampling with one uniform number per row and token) from a generator seeded per PPO step. The
+    numbers are drawn for the whole rollout batch and each process uses the rows of its own prompts,
+    so a prompt's answer is the same whichever process generated it and however many there are: a
+    2-process run samples exactly what 1 process samples, and rollouts are reproducible from the seed.
+    It samples from softmax(logits / temperature), the distribution ``token_logprobs`` scores: no
+    top-p/top-k truncation (refused by validate) and no processor from the checkpoint's generation
+    config (``own_generation_config``), so PPO's old log-probabilities describe the sampler exactly."""
+
+    def __init__(self, temperature: float, seed: int, rows: slice, total_rows: int, device):
+        self.temperature, self.rows, self.total_rows = temperature, rows, total_rows
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        cdf = torch.softmax(scores.float() / self.temperature, dim=-1).cumsum(-1)
+        u = torch.rand(self.total_rows, generator=self.generator, device=self.generator.device)[self.rows]
+        pick = torch.searchsorted(cdf, (u.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)).clamp(max=cdf.shape[-1] - 1)
+        # greedy decoding then takes exactly the sampled token
+        return torch.full_like(scores, float("-inf")).scatter(-1, pick, 0.0)
+
+
+def sample(model, tokenizer, input_ids, attention_mask, sampler: SeededSampler, max_new_tokens: int, **kwargs):
+    """Prompt + sampled answer ids: greedy decoding over the sampler's one-hot logits, with no processor
+    of the checkpoint's own generation config (repetition penalty, top-k, ...) in between."""
+    from transformers import LogitsProcessorList
+
+    with own_generation_config(model, tokenizer, do_sample=False, max_new_tokens=max_new_tokens) as config:
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                              logits_processor=LogitsProcessorList([sampler]), **kwargs)
