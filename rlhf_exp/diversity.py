@@ -23,12 +23,16 @@ def _grams(tokens: list[int], n: int) -> Counter:
 def bleu(hypothesis: list[int], references: list[list[int]], max_n: int = 4) -> float:
     """Sentence BLEU of one hypothesis against references (Papineni et al., 2002: clipped n-gram precisions up
     to ``max_n``, geometric mean, brevity penalty against the closest reference length), with add-one
-    smoothing of the precisions for n > 1 (Lin & Och, 2004; short answers rarely share 4-grams). 0 for an
-    empty hypothesis or no references."""
+    smoothing of the precisions for n > 1 (Lin & Och, 2004; short answers rarely share 4-grams): nltk's
+    ``sentence_bleu`` with ``SmoothingFunction().method2`` for hypotheses of ``max_n`` tokens or more. A shorter
+    hypothesis has no n-grams of the higher orders: those orders are left out of the mean (nltk would count each
+    as a precision of 1/2 or 1, pulling short answers' scores towards a constant). 0 for an empty hypothesis or
+    no references."""
     if not hypothesis or not references:
         return 0.0
     log_sum = 0.0
-    for n in range(1, max_n + 1):
+    orders = min(max_n, len(hypothesis))
+    for n in range(1, orders + 1):
         hyp = _grams(hypothesis, n)
         best: Counter = Counter()
         for ref in references:
@@ -43,7 +47,7 @@ def bleu(hypothesis: list[int], references: list[list[int]], max_n: int = 4) -> 
             log_sum += math.log((matched + 1) / (total + 1))
     closest = min((len(r) for r in references), key=lambda length: (abs(length - len(hypothesis)), length))
     brevity = 1.0 if len(hypothesis) > closest else math.exp(1 - closest / len(hypothesis))
-    return brevity * math.exp(log_sum / max_n)
+    return brevity * math.exp(log_sum / orders)
 
 
 def self_bleu(groups: list[list[list[int]]], max_n: int = 4) -> float:

@@ -15,8 +15,9 @@ Rules (thresholds under ``monitor.*``, docs/monitor.md has the numbers behind th
   first window's or below (or under ``monitor.entropy_min`` nats when set);
 - ``distinct_drop``: held-out distinct-1 or distinct-2 fell by the fraction ``monitor.distinct_drop`` or more
   from its best earlier evaluation (repetitive answers);
-- ``self_bleu_rise``: held-out self-BLEU (``eval/self_bleu``, several sampled answers per prompt) rose by
-  ``monitor.self_bleu_rise`` or more above its lowest earlier evaluation (the samples of a prompt grow alike);
+- ``self_bleu_rise``: held-out self-BLEU (``eval/self_bleu``, several sampled answers per prompt) closed the
+  fraction ``monitor.self_bleu_rise`` or more of the gap between its lowest earlier evaluation and 1 (identical
+  samples): the samples of a prompt grow alike;
 - ``gold_drop``: held-out gold (``eval/gold``; or the rollouts' ``ppo/gold_reward`` averaged over windows)
   fell by ``monitor.gold_drop`` or more from its best while the reward model's score did not fall
   (over-optimisation of the proxy reward).
@@ -249,12 +250,13 @@ class Monitor:
                              f"its best {best:.3g} (monitor.distinct_drop={c.distinct_drop:g})")
                     break
             yield "distinct_drop", found
-        if c.self_bleu_rise is not None and earlier and "eval/self_bleu" in evaluation:
+        if c.self_bleu_rise is not None and earlier and math.isfinite(evaluation.get("eval/self_bleu", math.nan)):
             lows = [e["eval/self_bleu"] for e in earlier if math.isfinite(e.get("eval/self_bleu", math.nan))]
-            now = evaluation["eval/self_bleu"]
+            now, low = evaluation["eval/self_bleu"], min(lows) if lows else None
+            closed = (now - low) / (1 - low) if low is not None and low < 1 else 0.0
             yield "self_bleu_rise", (
-                f"held-out self-BLEU is {now:.3g}, up {now - min(lows):.3g} from its lowest {min(lows):.3g} "
-                f"(monitor.self_bleu_rise={c.self_bleu_rise:g})") if lows and now - min(lows) >= c.self_bleu_rise else None
+                f"held-out self-BLEU is {now:.3g}, up from its lowest {low:.3g}: {closed:.0%} of the way to 1 "
+                f"(identical samples; monitor.self_bleu_rise={c.self_bleu_rise:g})") if closed >= c.self_bleu_rise else None
         if not self.per_step:
             yield from self._dpo_rules(evaluation, earlier)
         if c.gold_drop is not None and earlier and "eval/gold" in evaluation:

@@ -31,6 +31,9 @@ def test_bleu_by_hand():
     assert bleu([1, 2], [[1, 2, 3, 4]], max_n=2) == pytest.approx(math.exp(1 - 4 / 2) * 1.0)
     # the closest reference length counts: with a 2-token reference too there is no penalty
     assert bleu([1, 2], [[1, 2, 3, 4], [1, 2]], max_n=2) == pytest.approx(1.0)
+    # a 1-token hypothesis has unigrams only: its BLEU is the brevity penalty times its unigram precision
+    assert bleu([5], [[5, 6]]) == pytest.approx(math.exp(1 - 2 / 1))
+    assert bleu([5, 7], [[5, 6]]) == pytest.approx(math.sqrt(1 / 2 * 1 / 2))  # p1 1/2, smoothed p2 (0+1)/(1+1)
 
 
 def test_self_bleu_rises_as_samples_grow_alike():

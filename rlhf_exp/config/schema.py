@@ -604,8 +604,9 @@ class MonitorConfig:
     entropy_min: Optional[float] = None
     # repetition: held-out distinct-1/2 down by this fraction from their best evaluation (null: off)
     distinct_drop: Optional[float] = 0.3
-    # repetition: held-out self-BLEU up by this much (absolute, on 0-1) from its lowest evaluation (null: off)
-    self_bleu_rise: Optional[float] = 0.3
+    # repetition: held-out self-BLEU closed this fraction of the gap between its lowest evaluation and 1 (identical
+    # samples), e.g. 0.3 -> 0.65 (null: off)
+    self_bleu_rise: Optional[float] = 0.5
     # over-optimisation: gold (held-out eval/gold, or windows of ppo/gold_reward) down this much from its best
     # while the reward model's score did not fall (null: off)
     gold_drop: Optional[float] = 0.05

@@ -209,14 +209,14 @@ def _monitor_errors(cfg: DictConfig) -> list[str]:
         errors.append(f"monitor.window={mon.window}: must be >= 2 (steps per moving window)")
     if mon.warmup_steps < 0:
         errors.append(f"monitor.warmup_steps={mon.warmup_steps}: must be >= 0")
-    for key in ("kl_max", "kl_min", "entropy_min", "gold_drop", "self_bleu_rise"):
+    for key in ("kl_max", "kl_min", "entropy_min", "gold_drop"):
         if mon[key] is not None and not mon[key] > 0:
             errors.append(f"monitor.{key}={mon[key]}: must be > 0, or null (rule off)")
     if mon.kl_max is not None and mon.kl_min is not None and mon.kl_min >= mon.kl_max:
         errors.append(f"monitor.kl_min={mon.kl_min} must be below monitor.kl_max={mon.kl_max}")
     if mon.length_growth is not None and not mon.length_growth > 1:
         errors.append(f"monitor.length_growth={mon.length_growth}: must be > 1 (a ratio of lengths), or null (rule off)")
-    for key in ("entropy_drop", "distinct_drop"):
+    for key in ("entropy_drop", "distinct_drop", "self_bleu_rise"):
         if mon[key] is not None and not 0 < mon[key] < 1:
             errors.append(f"monitor.{key}={mon[key]}: must be in (0, 1), or null (rule off)")
     if mon.length_reward_corr is not None and not -1 < mon.length_reward_corr < 1:

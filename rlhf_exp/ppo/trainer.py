@@ -203,7 +203,8 @@ class PPOTrainer:
         # sampling is untouched)
         groups = sample_groups(self.engines.bare_policy(), self.tokenizer, self.eval_prompt_ids, self.phase.eval_samples,
                                self.seed * 1_000_003 + 500_009 + self.steps_done, self.phase.temperature,
-                               self.phase.max_new_tokens, self.world, self.rank, **self.engines.generate_kwargs)
+                               self.phase.max_new_tokens, self.world, self.rank, self.phase.per_device_eval_batch_size,
+                               self.device, **self.engines.generate_kwargs)
         if groups is not None:
             metrics["eval/self_bleu"] = diversity.self_bleu(groups)
         if self.gold_fn is not None:

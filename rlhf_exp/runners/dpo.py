@@ -77,7 +77,7 @@ def held_out_eval(cfg: RunConfig, run: Run, data, tokenizer, metrics: dict):
     if not prompts or cfg.phase.eval_num_prompts < 1:
         return None
     return HeldOutEval(cfg, run, prompts, tokenizer, metrics, gold_fn=gold_reward if data.eval_prompts else None,
-                       monitor=monitor_of(cfg, run, per_step=False),
+                       monitor=lambda: monitor_of(cfg, run, per_step=False),
                        generate_kwargs={"synced_gpus": True} if sharded(cfg) else {})
 
 

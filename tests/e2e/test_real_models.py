@@ -103,8 +103,8 @@ def test_chat_task_chain_learns_on_each_template(scaled_model, family, chat_chai
     assert m["rm"]["eval_accuracy"] >= 0.65
     assert m["ppo"]["gold_score"] >= m["sft"]["gold_score"] + PPO_GAIN[family] and m["ppo"]["kl"] < 2 * 1.0  # 1-nat target
     assert m["dpo"]["gold_score"] > m["sft"]["gold_score"]
-    # the held-out evaluations during training: PPO every 40 steps (its recipe), DPO every epoch
-    for phase, count in (("ppo", 2), ("dpo", 2)):
+    # the held-out evaluations during training: PPO every 40 steps (its recipe), DPO before training and every epoch
+    for phase, count in (("ppo", 2), ("dpo", 3)):  # DPO: before training, then each epoch
         evals = {r["step"]: r for r in read_metrics(root / phase) if "eval/kl" in r}
         assert len(evals) == count and max(evals) == m[phase]["steps"], (phase, sorted(evals))
         for row in evals.values():

@@ -105,10 +105,14 @@ def test_gold_drop_while_proxy_rises_on_evaluations():
 
 
 def test_self_bleu_rise():
+    # 0.4 -> 0.75 closes 0.35 / 0.6 = 58% of the way to identical samples
     monitor = feed(healthy, evals=lambda s: {**evaluation(s), "eval/self_bleu": 0.4 if s < 40 else 0.75})
     assert rules(monitor) == ["self_bleu_rise"]
-    assert monitor.alarms[0].step == 40 and "self-BLEU is 0.75, up 0.35 from its lowest 0.4" in monitor.alarms[0].saw
-    assert rules(feed(healthy, evals=lambda s: {**evaluation(s), "eval/self_bleu": 0.4 + 0.005 * s})) == []
+    assert monitor.alarms[0].step == 40 and "self-BLEU is 0.75, up from its lowest 0.4: 58%" in monitor.alarms[0].saw
+    assert rules(feed(healthy, evals=lambda s: {**evaluation(s), "eval/self_bleu": 0.4 + 0.004 * s})) == []
+    # the embedded task's healthy runs (0.917 -> 0.94: 28% of the gap) and NaN (fewer than 2 samples) stay quiet
+    assert rules(feed(healthy, evals=lambda s: {**evaluation(s), "eval/self_bleu": 0.917 if s < 30 else 0.94})) == []
+    assert rules(feed(healthy, evals=lambda s: {**evaluation(s), "eval/self_bleu": float("nan")})) == []
 
 
 def dpo_eval(step: int, gold: float = 0.9, kl: float = 2.0, length: float = 6.0, entropy: float = 0.12,
@@ -261,7 +265,7 @@ def test_provoked_dpo_fires_on_held_out_gold_and_keeps_the_alarm_checkpoint(sft_
     run = only_run(tmp_path, "dpo")
     summary = read_json(run / "summary.json")["metrics"]
     evals = {r["step"]: r for r in read_metrics(run) if "eval/kl" in r}
-    assert sorted(evals) == [16, 32, 48, 64, 80, 96, 112, 126]
+    assert sorted(evals) == [0, 16, 32, 48, 64, 80, 96, 112, 126]  # 0: the SFT model, the baseline
     alarm = next(a for a in summary["monitor_alarms"] if a["rule"] == "gold_drop")
     best = max(s for s in evals if s < alarm["step"] and evals[s]["eval/gold"] == max(
         evals[t]["eval/gold"] for t in evals if t < alarm["step"]))
@@ -275,18 +279,20 @@ def test_provoked_dpo_fires_on_held_out_gold_and_keeps_the_alarm_checkpoint(sft_
 @pytest.mark.slow
 def test_readme_main_command_raises_no_alarm(main_pipeline):
     """The README's main command (pipeline=rlhf, the session's run): its PPO and its DPO raise no alarm, with DPO's
-    held-out evaluations (phase.eval_steps=32 in its recipe) in metrics.jsonl."""
+    held-out evaluations (before training, then phase.eval_steps=32 in its recipe) in metrics.jsonl."""
     proc, root = main_pipeline
     for phase in ("ppo", "dpo"):
         summary = read_json(root / phase / "summary.json")["metrics"]
         assert summary["monitor_alarms"] == [] and "stopped_by_monitor" not in summary, phase
     assert "monitor alarm" not in proc.stderr
     evals = {r["step"]: r for r in read_metrics(root / "dpo") if "eval/kl" in r}
-    assert sorted(evals) == [32, 64, 96, 126]
+    assert sorted(evals) == [0, 32, 64, 96, 126]
+    assert abs(evals[0]["eval/kl"]) < 1e-4  # the starting policy is the reference
     for row in evals.values():
         assert {"eval/gold", "eval/kl", "eval/response_length", "eval/policy_entropy", "eval/distinct_1",
                 "eval/distinct_2", "eval/self_bleu"} <= set(row)
-        assert row["eval/kl"] > 0 and 0 < row["eval/self_bleu"] <= 1 and row["eval/response_length"] > 0
+        assert 0 < row["eval/self_bleu"] <= 1 and row["eval/response_length"] > 0
+    assert all(evals[step]["eval/kl"] > 0 for step in (32, 64, 96, 126))  # it moved away from the reference
 
 
 def test_wandb_alert_sent_and_a_refusal_keeps_logging(capsys):
