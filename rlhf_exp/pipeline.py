@@ -61,8 +61,9 @@ def _key(override: str) -> str:
     return override.lstrip("+~").split("=", 1)[0]
 
 
-# the pipeline's own overrides, not its phases' (hydra.*: where the pipeline itself runs)
-OWN = ("dry_run", "resume")
+# the pipeline's own overrides, not its phases' (hydra.*: where the pipeline itself runs; pipeline.preload: how its
+# phases' processes start, not what they compute)
+OWN = ("dry_run", "resume", "pipeline.preload")
 
 
 def _own(override: str) -> bool:
@@ -157,7 +158,8 @@ def _folder(cfg: DictConfig, overrides: list[str], run_dir: Path | None) -> tupl
 def _identity(cfg: DictConfig, overrides: list[str]) -> str:
     """What makes two pipeline commands the same pipeline: its phases' settings and the common overrides."""
     kept = sorted(o.lstrip("+") for o in overrides if not _own(o))
-    blob = json.dumps({"pipeline": OmegaConf.to_container(cfg.pipeline, resolve=True), "overrides": kept},
+    settings = {k: v for k, v in OmegaConf.to_container(cfg.pipeline, resolve=True).items() if k != "preload"}
+    blob = json.dumps({"pipeline": settings, "overrides": kept},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -247,6 +249,37 @@ def _phase_env(in_job: bool) -> dict | None:
     return {k: v for k, v in os.environ.items() if not k.startswith("SUBMITIT_")}
 
 
+def _phase_server(cfg: DictConfig, root: Path, in_job: bool):
+    """pipeline.preload: one process that imports the ML libraries once and forks each phase from there
+    (rlhf_exp.launch.preload), started now so that its imports are under way; None when off, on GPU hardware (CUDA
+    must not be touched before a fork; there the import is small beside the training), without fork, with
+    RLHF_EXP_THREADS=torch, or when every phase already succeeded."""
+    if not cfg.pipeline.get("preload", True) or str(cfg.hardware.accelerator) != "cpu" or not hasattr(os, "fork"):
+        return None
+    if os.environ.get("RLHF_EXP_THREADS", "").strip().lower() == "torch":  # torch's default threads are fixed when
+        return None  # torch is imported: a phase must import it in its own environment
+    if all(_succeeded(root / phase) for phase in cfg.pipeline.phases):
+        return None
+    from rlhf_exp.launch.preload import PhaseServer
+
+    return PhaseServer(env=_phase_env(in_job))
+
+
+def _start_phase(server, args: list[str], env: dict | None):
+    """The phase's process: forked from the pre-imported server, or (no server, or it could not fork) started
+    afresh, in its own session, stopped with SIGTERM if the pipeline dies."""
+    if server is not None and server.ready():
+        try:
+            return server.start(args, env)
+        except (OSError, RuntimeError, ValueError) as exc:  # the server died: fresh processes from here on
+            server.available, server.why_not = False, f"the phase server failed: {exc}"
+    if server is not None and server.why_not:
+        print(f"rlhf_exp: pipeline: phases start as separate processes ({server.why_not})", file=sys.stderr, flush=True)
+        server.why_not = None
+    return subprocess.Popen([sys.executable, "-m", "rlhf_exp", *args], start_new_session=True,
+                            preexec_fn=_stop_with_parent, env=env)
+
+
 def _run(cfg: DictConfig, overrides: list[str], root: Path, continuing: bool, common: list[str], in_job: bool):
     resume_command = f"python -m rlhf_exp resume={root}"
     manifest = _read(root / MANIFEST) or {"pipeline": str(cfg.pipeline.name), "identity": _identity(cfg, overrides),
@@ -260,6 +293,7 @@ def _run(cfg: DictConfig, overrides: list[str], root: Path, continuing: bool, co
         print(f"rlhf_exp: pipeline {cfg.pipeline.name}: continuing {root}", file=sys.stderr, flush=True)
     rows = []
     status = "succeeded"
+    server = _phase_server(cfg, root, in_job)
     with _Forward() as forward:
         for phase in cfg.pipeline.phases:
             folder = root / phase
@@ -268,10 +302,7 @@ def _run(cfg: DictConfig, overrides: list[str], root: Path, continuing: bool, co
                       file=sys.stderr, flush=True)
             elif forward.received is None:
                 print(f"rlhf_exp: pipeline {cfg.pipeline.name}: {phase} -> {folder}", file=sys.stderr, flush=True)
-                forward.child = subprocess.Popen([sys.executable, "-m", "rlhf_exp",
-                                                  *phase_args(cfg, phase, common, folder)],
-                                                 start_new_session=True, preexec_fn=_stop_with_parent,
-                                                 env=_phase_env(in_job))
+                forward.child = _start_phase(server, phase_args(cfg, phase, common, folder), _phase_env(in_job))
                 while True:
                     try:
                         forward.child.wait()
@@ -288,6 +319,8 @@ def _run(cfg: DictConfig, overrides: list[str], root: Path, continuing: bool, co
             summary = json.loads(summary_path.read_text())
             rows.append({"phase": phase, "run_id": summary["run_id"], "path": str(folder), "status": "succeeded",
                          "metrics": {col: summary["metrics"].get(key) for key, col in COLUMNS[phase].items()}})
+    if server is not None:
+        server.close()
     done = {row["phase"] for row in rows}
     rows += [{"phase": p, "path": str(root / p), "status": "not started"} for p in cfg.pipeline.phases if p not in done]
     write_json_atomic(root / "pipeline_summary.json", {

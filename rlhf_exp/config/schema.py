@@ -567,6 +567,10 @@ class PipelineConfig:
     rm: dict[str, Any] = field(default_factory=dict)
     ppo: dict[str, Any] = field(default_factory=dict)
     dpo: dict[str, Any] = field(default_factory=dict)
+    # on CPU hardware: import torch/transformers/TRL once in a helper process and fork each phase from it (each phase
+    # still its own process and run folder), instead of paying the ~7 s import in every phase; false: a fresh process
+    # per phase (always on GPU hardware)
+    preload: bool = True
 
 
 class OnAlarm(StrEnum):

@@ -66,6 +66,13 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _descendants(pid: int) -> list[int]:
+    found = []
+    for child in _children(pid):
+        found += [child, *_descendants(child)]
+    return found
+
+
 def _wait(condition, timeout: float = 300) -> bool:
     import time
 
@@ -108,12 +115,14 @@ def test_a_stopped_or_killed_pipeline_leaves_no_phase_running_and_resumes_reusin
     pipeline = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 text=True)
     assert _wait(lambda: (folder / "sft" / "metrics.jsonl").is_file() or pipeline.poll() is not None)
-    (phase,) = _children(pipeline.pid)
+    # pipeline.preload (CPU hardware): the pre-imported phase server, and the phase forked from it
+    (server,) = _children(pipeline.pid)
+    (phase,) = _children(server)
     pipeline.send_signal(signal.SIGTERM)
     _, err = pipeline.communicate(timeout=300)
     assert pipeline.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert f"continue it with: python -m rlhf_exp resume={folder}" in err and "Traceback" not in err
-    assert _gone(phase)
+    assert _gone(phase) and _gone(server)
     summary = read_json(folder / "pipeline_summary.json")
     assert [(r["phase"], r["status"]) for r in summary["phases"]] == [
         ("sft", "interrupted"), ("rm", "not started"), ("ppo", "not started"), ("dpo", "not started")]
@@ -123,14 +132,15 @@ def test_a_stopped_or_killed_pipeline_leaves_no_phase_running_and_resumes_reusin
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     checkpoint = folder / "ppo" / "checkpoints" / "trainer" / "checkpoint-4" / "complete.json"
     assert _wait(lambda: checkpoint.is_file() or pipeline.poll() is not None), pipeline.stderr.read()[-3000:]
-    (phase,) = _children(pipeline.pid)
+    processes = _descendants(pipeline.pid)
+    assert len(processes) == 2, processes  # the phase server and the PPO phase
     finished = {p: hashlib.sha256((folder / p / "manifest.json").read_bytes()).hexdigest() for p in ("sft", "rm")}
     double = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert double.returncode == 2 and f"in use by a live run (pid {pipeline.pid}" in double.stderr, double.stderr[-2000:]
     assert len(double.stderr.strip().splitlines()) == 1  # one line; the pipeline goes on untouched
     pipeline.kill()
     pipeline.wait()
-    assert _wait(lambda: _gone(phase), timeout=120), "the PPO phase ran on after its pipeline was killed"
+    assert _wait(lambda: all(_gone(p) for p in processes), timeout=120), "the PPO phase ran on after its pipeline was killed"
 
     again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
