@@ -176,16 +176,6 @@ def _succeeded(folder: Path) -> bool:
     return bool(manifest and manifest.get("status") == "succeeded" and (folder / "summary.json").is_file())
 
 
-def _stop_with_parent() -> None:
-    """In the phase's process, before it runs: the kernel sends it SIGTERM when the pipeline process dies (Linux
-    PR_SET_PDEATHSIG), so a pipeline killed with SIGKILL leaves no phase running on; the phase checkpoints."""
-    import ctypes
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG = 1
-    except OSError:
-        pass
-
-
 class _Forward:
     """While a phase runs: SIGTERM / SIGINT / SIGUSR2 to the pipeline are passed on to the phase (as SIGTERM for
     SIGINT, the stop every phase checkpoints on)."""
@@ -276,8 +266,10 @@ def _start_phase(server, args: list[str], env: dict | None):
     if server is not None and server.why_not:
         print(f"rlhf_exp: pipeline: phases start as separate processes ({server.why_not})", file=sys.stderr, flush=True)
         server.why_not = None
+    from rlhf_exp.launch.preload import stop_with_parent
+
     return subprocess.Popen([sys.executable, "-m", "rlhf_exp", *args], start_new_session=True,
-                            preexec_fn=_stop_with_parent, env=env)
+                            preexec_fn=stop_with_parent, env=env)
 
 
 def _run(cfg: DictConfig, overrides: list[str], root: Path, continuing: bool, common: list[str], in_job: bool):

@@ -30,7 +30,9 @@ PRELOAD = ("torch", "transformers", "trl", "accelerate", "peft")
 READY = "ready"
 
 
-def _pdeathsig() -> None:
+def stop_with_parent() -> None:
+    """In a process about to run (a phase, or this server): the kernel sends it SIGTERM when its parent dies (Linux
+    PR_SET_PDEATHSIG), so a pipeline killed with SIGKILL leaves nothing running on; a phase checkpoints."""
     import ctypes
 
     try:
@@ -65,7 +67,7 @@ def _child(request: dict) -> None:
     code = 1
     try:
         os.setsid()
-        _pdeathsig()
+        stop_with_parent()
         for sig in (signal.SIGTERM, signal.SIGUSR2, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a fresh interpreter
@@ -104,7 +106,7 @@ def serve(control_in: int, control_out: int) -> None:
     """The server: import, report readiness (or why not), then one phase at a time until the pipe closes. It sits
     in a session of its own and ignores SIGINT (a terminal's Ctrl-C reaches the pipeline, which passes a stop on to
     the running phase); it dies with the pipeline (PR_SET_PDEATHSIG), passing SIGTERM on first."""
-    _pdeathsig()
+    stop_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     started = time.process_time()
     for name in PRELOAD:
