@@ -9,12 +9,18 @@ that imported the ML libraries once, pipeline.preload); rlhf_exp_fresh: the same
 (a fresh process per phase, each importing them). floor: benchmarks/floor_chain.py, the same four phases' training
 and evaluations as plain PyTorch loops in one process (its docstring lists what it leaves out). One thread per
 process.
+
+After the ratios, a breakdown of the CPU seconds by phase and part, medians over the rounds: for rlhf_exp from each
+phase's summary.json "timings" (rlhf_exp.tracking.run.Run.stage) and the pipeline's own process (the rest of the
+measured total: the pipeline, and with preload its pre-imported process, imports included), for the floor from
+its printout.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -26,32 +32,84 @@ ENV = {"OMP_NUM_THREADS": "1"}
 
 
 def ours(text: str, tmp: Path) -> dict:
+    """PPO's gold, and CPU seconds by phase and part: start (the phase process before its run folder opened, and
+    its imports: none new under preload), data (reading or building the phase's data), train loop (the trainer's
+    loop, less its evaluations), evaluations (the trainer's evaluations during and after training, DPO's held-out
+    evaluations, the RM's held-out score statistics), gold (gold evaluations before and after), save (the final
+    model), other (tokenizer and model loading, the trainer's set-up with its tokenisation, data checks, files)."""
     (summary,) = Path(tmp).rglob("pipeline_summary.json")
-    rows = {r["phase"]: r.get("metrics", {}) for r in json.loads(summary.read_text())["phases"]}
-    return {"ppo_gold": rows["ppo"].get("gold") or 0.0}
+    phases = json.loads(summary.read_text())["phases"]
+    rows = {r["phase"]: r.get("metrics", {}) for r in phases}
+    parts: dict[str, float] = {}
+    for row in phases:
+        t = json.loads((Path(row["path"]) / "summary.json").read_text())["timings"]
+
+        def cpu(name: str, t: dict = t) -> float:
+            return t.get(name, {}).get("cpu_s", 0.0)
+
+        phase = row["phase"]
+        parts[f"{phase} start"] = cpu("before_run") + cpu("imports")
+        parts[f"{phase} data"] = cpu("data")
+        evals = cpu("train/evaluate") + cpu("train/heldout_eval") + cpu("evaluate") + cpu("reward_stats")
+        parts[f"{phase} train loop"] = cpu("train") - cpu("train/evaluate") - cpu("train/heldout_eval")
+        parts[f"{phase} evaluations"] = evals
+        parts[f"{phase} gold"] = cpu("gold_initial") + cpu("gold_final")
+        parts[f"{phase} save"] = cpu("save")
+        parts[f"{phase} other"] = cpu("total") + cpu("before_run") - sum(v for k, v in parts.items()
+                                                                          if k.startswith(f"{phase} "))
+    return {"ppo_gold": rows["ppo"].get("gold") or 0.0, "parts": parts}
 
 
 def floor(text: str, _tmp: Path) -> dict:
     r = json.loads([ln for ln in text.splitlines() if ln.startswith("{")][-1])
-    return {"ppo_gold": r["ppo"]["gold"]}
+    c = r["cpu"]
+    parts = {"setup start": c["imports"] + c["setup"]}
+    for phase in ("sft", "rm", "ppo", "dpo"):
+        parts[f"{phase} gold"] = c.get(f"{phase}_gold", 0.0)
+        parts[f"{phase} train loop"] = c[phase] - parts[f"{phase} gold"]
+    return {"ppo_gold": r["ppo"]["gold"], "parts": parts}
+
+
+def breakdown(results: dict) -> None:
+    """CPU seconds by phase and part, medians over the rounds; the pipeline's own process is the measured total
+    less its phases."""
+    for runs in results.values():
+        for r in runs:
+            r["parts"]["pipeline process"] = r["cpu"] - sum(r["parts"].values())
+    names = list(results)
+    keys = list(dict.fromkeys(k for runs in results.values() for r in runs for k in r["parts"]))
+    print("\nCPU seconds by phase and part, medians over the rounds (floor: each phase's loop includes its "
+          "in-training evaluations; its imports, data and model building are one part, 'setup start')")
+    print(f"{'part':<20}" + "".join(f"{n:>16}" for n in names))
+    for key in keys:
+        cells = [statistics.median(r["parts"].get(key, 0.0) for r in results[n]) for n in names]
+        print(f"{key:<20}" + "".join(f"{c:>16.2f}" for c in cells))
+    print(f"{'total (measured)':<20}" + "".join(f"{statistics.median(r['cpu'] for r in results[n]):>16.2f}"
+                                                for n in names))
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--no-fresh", action="store_true", help="leave out rlhf_exp_fresh (preload off)")
     args = ap.parse_args(argv)
     print(header())
     print(f"rounds: {args.reps}; threads: 1 per process\n", flush=True)
     command = python("-m", "rlhf_exp", "pipeline=rlhf", "output_root={tmp}")
-    results = interleaved([Variant("rlhf_exp", command, ENV, ours),
-                           Variant("rlhf_exp_fresh", [*command, "pipeline.preload=false"], ENV, ours),
-                           Variant("floor", python("benchmarks/floor_chain.py"), ENV, floor)], reps=args.reps)
+    variants = [Variant("rlhf_exp", command, ENV, ours),
+                Variant("rlhf_exp_fresh", [*command, "pipeline.preload=false"], ENV, ours),
+                Variant("floor", python("benchmarks/floor_chain.py"), ENV, floor)]
+    if args.no_fresh:
+        variants = [v for v in variants if v.name != "rlhf_exp_fresh"]
+    results = interleaved(variants, reps=args.reps)
     medians = report(results, baseline="floor")
-    for name in ("rlhf_exp", "rlhf_exp_fresh"):
+    for name in [v.name for v in variants if v.name != "floor"]:
         m = medians[name]
         print(f"\nsummary: {name} / the plain-PyTorch floor: CPU {m['cpu']:.3f}, wall {m['wall']:.3f}, "
               f"peak RSS {m['rss_mb']:.3f} (medians of the round-by-round ratios)")
-    report({k: results[k] for k in ("rlhf_exp", "rlhf_exp_fresh")}, baseline="rlhf_exp_fresh")
+    if not args.no_fresh:
+        report({k: results[k] for k in ("rlhf_exp", "rlhf_exp_fresh")}, baseline="rlhf_exp_fresh")
+    breakdown(results)
     return 0
 
 

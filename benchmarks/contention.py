@@ -2,7 +2,7 @@
 (``rlhf_exp.launch.threads``) and with torch's default threads (``RLHF_EXP_THREADS=torch``, the behaviour
 before the rule), interleaved and repeated.
 
-    python benchmarks/contention.py                  # shortened chain, 2 repeats, busy processes = cores
+    python benchmarks/contention.py                  # shortened chain, 3 repeats, busy processes = cores
     python benchmarks/contention.py --full           # the README command as it is (minutes per run)
     python benchmarks/contention.py --reps 3 --busy 4 --timeout 600
 
@@ -15,7 +15,11 @@ Busy process: a pure-Python spin loop in a subprocess (one per core by default),
 run and stopped after it. Order within each repeat: <mode> alone, <mode> loaded, for each mode in turn, so
 alone/loaded and the modes alternate (A B A B). Measured per run: wall time, CPU time of the run and its
 children (wait4's rusage), peak RSS of the largest process (ru_maxrss), and the thread count the SFT
-phase recorded in its manifest.json (cpu_threads). Slowdown = median loaded wall / median alone wall.
+phase recorded in its manifest.json (cpu_threads). Slowdown = median loaded wall / median alone wall. Then, in
+the style of benchmarks/harness.py, ratios taken round by round (each run against the run of the same repeat) with
+their min / median / max, for wall, CPU and peak RSS: loaded / alone for each mode, and torch / rule for each load.
+A ratio over a run stopped at the timeout is a lower bound for wall and says little for CPU; the printout marks
+them. The printout starts with the machine, its load and the library versions (harness.header()).
 Public tools only: stdlib (subprocess, os.wait4, resource).
 """
 
@@ -32,6 +36,10 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import header, report  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 README_COMMAND = [sys.executable, "-m", "rlhf_exp", "pipeline=rlhf"]
 DEFAULT_STEPS = "sft=100,rm=20,ppo=4,dpo=20"
@@ -41,16 +49,6 @@ MODES = {
     "torch": {"RLHF_EXP_THREADS": "torch"},  # torch's default threads: the old behaviour
 }
 SPIN = "while True:\n    pass\n"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def start_busy(n: int) -> list[subprocess.Popen]:
@@ -110,7 +108,7 @@ def fmt_s(r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--reps", type=int, default=2, help="repeats of each (mode, alone/loaded) pair (default 2)")
+    ap.add_argument("--reps", type=int, default=3, help="repeats of each (mode, alone/loaded) pair (default 3)")
     ap.add_argument("--busy", type=int, default=os.cpu_count() or 1, help="busy processes (default: cores)")
     ap.add_argument("--steps", default=DEFAULT_STEPS,
                     help=f"phase=max_steps for each shortened phase (default {DEFAULT_STEPS})")
@@ -133,9 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
     base_env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "RLHF_EXP_THREADS")}
     base_env["PYTHONPATH"] = str(ROOT) + os.pathsep + base_env.get("PYTHONPATH", "")
-    print(f"machine: {os.cpu_count()} CPUs (affinity {len(os.sched_getaffinity(0))}), {cpu_model()}")
-    print(f"date: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; load average at start: "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(header())
     print("command: " + " ".join(["python", *cmd[1:]]) + " output_root=<temp>")
     if not args.full:
         print(f"  (the README's main command, shortened with pipeline.<phase>.max_steps ({args.steps}); --full: as is)")
@@ -176,6 +172,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{mode:<6} {mark_a + f'{wa:.1f}':>12} {mark_b + f'{wb:.1f}':>13} {mark_b + f'{wb / wa:.2f}x':>8} "
               f"{statistics.median(r['cpu'] for r in a):>11.1f} {statistics.median(r['cpu'] for r in b):>12.1f} "
               f"{max(r['rss_mb'] for r in a + b):>11.0f}")
+
+    comparisons = [(f"{m} loaded", f"{m} alone", (m, "loaded"), (m, "alone")) for m in modes]
+    if "rule" in modes and "torch" in modes:
+        comparisons += [(f"torch {load}", f"rule {load}", ("torch", load), ("rule", load)) for load in ("alone", "loaded")]
+    for name, base, key, base_key in comparisons:
+        runs = results[key] + results[base_key]
+        print(f"\n== {name} against {base} ==")
+        report({base: results[base_key], name: results[key]}, baseline=base)
+        if any(r["timed_out"] for r in runs):
+            print("  (some runs here were stopped at the timeout: their wall ratios are bounds, CPU ratios say little)")
+        if any(r["rc"] != 0 and not r["timed_out"] for r in runs):
+            print("  (some runs here failed: these ratios are not comparable)")
     print(f"\nload average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 1 if failed else 0
 

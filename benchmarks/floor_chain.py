@@ -3,6 +3,10 @@ process: the floor that ``python -m rlhf_exp pipeline=rlhf`` is compared with (b
 
     python benchmarks/floor_chain.py            # prints one JSON line with each phase's numbers and seconds
 
+The line's "seconds" holds each phase's wall time; "cpu" each phase's CPU seconds, its gold evaluations' share
+("<phase>_gold"), the set-up ("setup": composing the config, building the data and the model) and the imports
+before main() ("imports").
+
 The same work as the main command, phase by phase, with the same inputs (the embedded task's data from
 rlhf_exp.data.synthetic, the tiny Llama from rlhf_exp.models, the same seed) and settings (the tiny recipes):
 
@@ -61,10 +65,19 @@ def pad_right(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tens
     return ids, torch.arange(width) < torch.tensor([len(r) for r in rows])[:, None]
 
 
+CPU: dict[str, float] = {}  # CPU seconds by part, for the printout
+PHASE = ["setup"]  # the phase running now: its gold evaluations are counted under "<phase>_gold"
+
+
 def gold(model, tokenizer, prompts) -> float:
     from rlhf_exp.evaluation import gold_score
 
-    return gold_score(model, tokenizer, prompts, max_new_tokens=8, batch_size=256)
+    start = time.process_time()
+    try:
+        return gold_score(model, tokenizer, prompts, max_new_tokens=8, batch_size=256)
+    finally:
+        key = f"{PHASE[0]}_gold"
+        CPU[key] = CPU.get(key, 0.0) + time.process_time() - start
 
 
 def opt(params, lr):
@@ -292,31 +305,44 @@ def dpo(policy, tokenizer, data) -> dict:
 
 
 def main() -> None:
+    CPU["imports"] = time.process_time()
     torch.set_num_threads(1)
     times, out = {}, {}
     start = time.perf_counter()
+
+    def begin(phase: str) -> tuple[float, float]:
+        PHASE[0] = phase
+        return time.perf_counter(), time.process_time()
+
+    def end(phase: str, t: tuple[float, float]) -> None:
+        times[phase] = time.perf_counter() - t[0]
+        CPU[phase] = time.process_time() - t[1]
+
+    t = begin("setup")
     cfg, data, tokenizer, model = setup()
     prompts = list(data["eval_prompts"])
-    t = time.perf_counter()
+    end("setup", t)
+    t = begin("sft")
     out["sft"] = {"gold_initial": gold(model, tokenizer, prompts), **sft(model, tokenizer, data)}
     out["sft"]["gold"] = gold(model, tokenizer, prompts)
-    times["sft"] = time.perf_counter() - t
-    t = time.perf_counter()
+    end("sft", t)
+    t = begin("rm")
     rm, stats = reward_model(model, tokenizer, data)
     out["rm"] = stats
-    times["rm"] = time.perf_counter() - t
-    t = time.perf_counter()
+    end("rm", t)
+    t = begin("ppo")
     policy = copy.deepcopy(model)
     gold_before = gold(policy, tokenizer, prompts)
     out["ppo"] = {"gold_initial": gold_before, **ppo(policy, rm, stats, tokenizer, data)}
     out["ppo"]["gold"] = gold(policy, tokenizer, prompts)
-    times["ppo"] = time.perf_counter() - t
-    t = time.perf_counter()
+    end("ppo", t)
+    t = begin("dpo")
     policy = copy.deepcopy(model)
     out["dpo"] = {"gold_initial": gold(policy, tokenizer, prompts), **dpo(policy, tokenizer, data)}
     out["dpo"]["gold"] = gold(policy, tokenizer, prompts)
-    times["dpo"] = time.perf_counter() - t
+    end("dpo", t)
     out["seconds"] = {k: round(v, 2) for k, v in times.items()} | {"total": round(time.perf_counter() - start, 2)}
+    out["cpu"] = {k: round(v, 2) for k, v in CPU.items()} | {"total": round(time.process_time(), 2)}
     print(json.dumps(out))
 
 

@@ -37,6 +37,10 @@ class Variant:
     cmd: list[str]  # "{tmp}" in an argument is replaced by a fresh temporary folder per run
     env: dict[str, str] = field(default_factory=dict)
     parse: object = None  # optional: callable(stdout, tmp folder) -> dict of extra numbers for the run
+    ok_rc: tuple[int, ...] = (0,)  # exit statuses that count as a finished run (e.g. a dry run that ends refused)
+    # optional: callable(run dict) -> None, called after parse, may change the run's numbers (e.g. CPU time spent
+    # outside the process tree; a metric set to None is not measured: "n/a", no ratio)
+    finish: object = None
 
 
 def header() -> str:
@@ -61,7 +65,8 @@ def header() -> str:
             f"Python {platform.python_version()}; {', '.join(versions)}")
 
 
-def run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 1800, parse=None) -> dict:
+def run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 1800, parse=None,
+        ok_rc: tuple[int, ...] = (0,)) -> dict:
     """One run of ``cmd`` in a fresh process group: wall, CPU (process + children), peak RSS, exit status."""
     with tempfile.TemporaryDirectory(prefix="rlhf_bench_") as tmp:
         argv = [a.replace("{tmp}", tmp) for a in cmd]
@@ -85,7 +90,7 @@ def run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 1800
         text = out_path.read_text(errors="replace")
         result = {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "rss_mb": usage.ru_maxrss / 1024,
                   "rc": os.waitstatus_to_exitcode(status), "tail": text[-3000:]}
-        if parse is not None and result["rc"] == 0:
+        if parse is not None and result["rc"] in ok_rc:
             result.update(parse(text, Path(tmp)))
         return result
 
@@ -97,15 +102,19 @@ def interleaved(variants: list[Variant], reps: int = 3, timeout: float = 1800, v
     width = max(len(v.name) for v in variants)
     for rnd in range(reps):
         for v in variants:
-            r = run(v.cmd, v.env, timeout, v.parse)
-            if r["rc"] != 0:
+            r = run(v.cmd, v.env, timeout, v.parse, v.ok_rc)
+            if r["rc"] not in v.ok_rc:
                 raise SystemExit(f"{v.name} failed (exit {r['rc']}) in round {rnd + 1}; its output ends with:\n{r['tail']}")
+            if v.finish is not None:
+                v.finish(r)
             results[v.name].append(r)
             if verbose:
                 extra = "".join(f"  {k} {r[k]:.4g}" for k in r if k not in ("wall", "cpu", "rss_mb", "rc", "tail")
                                 and isinstance(r[k], (int, float)))
-                print(f"round {rnd + 1}  {v.name:<{width}}  wall {r['wall']:7.2f} s  CPU {r['cpu']:7.2f} s  "
-                      f"peak RSS {r['rss_mb']:6.0f} MB{extra}", flush=True)
+                cpu = "    n/a" if r["cpu"] is None else f"{r['cpu']:7.2f}"
+                rss = "   n/a" if r["rss_mb"] is None else f"{r['rss_mb']:6.0f}"
+                print(f"round {rnd + 1}  {v.name:<{width}}  wall {r['wall']:7.2f} s  CPU {cpu} s  "
+                      f"peak RSS {rss} MB{extra}", flush=True)
     return results
 
 
@@ -113,15 +122,21 @@ def _stats(values: list[float]) -> str:
     return f"{min(values):.3f} / {statistics.median(values):.3f} / {max(values):.3f}"
 
 
+def _median(runs: list[dict], k: str) -> str:
+    values = [r.get(k) for r in runs]
+    return "n/a" if any(v is None for v in values) else f"{statistics.median(values):.3f}"
+
+
 def report(results: dict[str, list[dict]], baseline: str, extra: tuple[str, ...] = ()) -> dict:
     """Medians per variant, then each variant / the baseline, round by round (min / median / max). Returns the
-    median ratios {variant: {metric: ratio}}."""
+    median ratios {variant: {metric: ratio}}. A metric that is None in a run (not measured) prints as n/a and has
+    no ratio."""
     keys = [*METRICS, *((k, k) for k in extra)]
     width = max(len(n) for n in results)
     print(f"\nmedians over {len(results[baseline])} rounds")
     print(f"{'variant':<{width}}  " + "  ".join(f"{label:>12}" for _, label in keys))
     for name, runs in results.items():
-        print(f"{name:<{width}}  " + "  ".join(f"{statistics.median(r[k] for r in runs):>12.3f}" for k, _ in keys))
+        print(f"{name:<{width}}  " + "  ".join(f"{_median(runs, k):>12}" for k, _ in keys))
     print(f"\nratios to {baseline}, round by round: min / median / max")
     medians: dict[str, dict[str, float]] = {}
     for name, runs in results.items():
@@ -129,6 +144,9 @@ def report(results: dict[str, list[dict]], baseline: str, extra: tuple[str, ...]
             continue
         row = []
         for k, label in METRICS:
+            if any(r[k] is None for r in [*runs, *results[baseline]]):  # not measured (e.g. CPU outside our tree)
+                row.append(f"{label} n/a")
+                continue
             ratios = [r[k] / b[k] for r, b in zip(runs, results[baseline]) if b[k] > 0]
             medians.setdefault(name, {})[k] = statistics.median(ratios)
             row.append(f"{label} {_stats(ratios)}")

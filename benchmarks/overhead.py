@@ -1,152 +1,181 @@
-"""Framework overhead on the embedded SFT job, measured side by side in one run.
+"""Framework overhead on the embedded SFT job, side by side: interleaved rounds (torch, trl, rlhf_exp, torch, trl,
+rlhf_exp, ...), a fresh process per run (start-up and imports count), CPU time, wall time and peak RSS as ratios
+taken round by round (benchmarks/harness.py); then the latency of the CLI's light paths, measured the same way.
 
-    python benchmarks/overhead.py            # ~2 minutes on 2 CPU cores
+    python benchmarks/overhead.py               # 3 rounds (~6 min on 2 cores)
+    python benchmarks/overhead.py --reps 5
+    python benchmarks/overhead.py --light-only  # the light paths alone (~10 s)
 
-The same job (tiny Llama, 4,096 sort demonstrations, 640 steps of batch 64, lr 3e-3, loss on answer
-tokens only, then greedy gold evaluation on 500 held-out prompts) is run three ways, each in a fresh
-Python process so import costs count:
+The job, in all three variants: the tiny Llama on the embedded sort task's 4,096 demonstrations, 10 epochs of
+batches of 64 (64 steps an epoch, 640 steps unless early stopping ends it), AdamW lr 3e-3 constant, gradient
+clipping 1.0, loss on the answer tokens only; the eval loss on the 256 held-out demonstrations after each epoch
+(10 evaluations), the best epoch's weights kept (trl and rlhf_exp: early stopping after 2 epochs without
+improvement, which does not fire in their runs); greedy gold evaluation on the 500 held-out prompts (8 new
+tokens, batches of 256) before and after training. One thread per process
+(OMP_NUM_THREADS=1). Each run prints its steps, eval loss and final gold score, so equal training shows.
 
-  torch     a plain PyTorch loop: the floor
-  trl       a bare TRL SFTTrainer script with the minimum configuration
-  rlhf_exp  `python -m rlhf_exp`: adds per-epoch evaluation, best-checkpoint restore, initial and final
-            gold evaluation, metrics.jsonl/summary.json/manifest.json
+  torch     the plain-PyTorch floor: benchmarks/floor_chain.py's SFT loop, with its helpers (setup, encoding,
+            optimizer step, gold), run here (``--variant torch``). Differs: it always runs the 10 epochs (640
+            steps) and keeps the best epoch without the early-stopping rule (with its own data order that rule
+            ends it after epoch 9, 576 steps, while TRL's run goes the 10 epochs: the same steps matter more
+            here); the data are tokenized once and padded to the longest sequence of the whole set (TRL pads
+            per batch); the best epoch is kept as an in-memory copy (TRL writes a checkpoint each epoch and
+            reloads the best); no final extra evaluation pass and no saved model.
+  trl       benchmarks/bare_trl.py's ``sft`` (a bare SFTTrainer script with the tiny recipe's settings: per-epoch
+            evaluation and checkpoints (2 kept), best-model reload, early stopping, one final evaluation, the
+            model saved), plus the same two gold evaluations rlhf_exp makes (rlhf_exp.evaluation.gold_score), run
+            by this file (``--variant trl``).
+  rlhf_exp  ``python -m rlhf_exp`` (the README's first command): the same, plus its run machinery: composing
+            and checking the config, the data preview, the run folder's files (manifest.json,
+            metrics.jsonl, summary.json, samples_initial/final.jsonl with 50 gold samples each, config.yaml,
+            .hydra/, launch/loading.json).
 
-plus the latency of the CLI's light paths (--help, --cfg job, and a PPO dry run with its memory plan), which must
-not import ML libraries.
-It prints wall times, gold scores and the ratios; nothing is asserted.
+Baselines: rlhf_exp and trl against torch (the floor), and rlhf_exp against trl (what rlhf_exp adds to TRL).
+
+Light paths (must not import the ML libraries): ``--help``, ``--cfg job``, and a PPO dry run with its memory plan
+(``phase=ppo hardware=a100x8 model=llama3_8b dry_run=true``), interleaved the same way, as ratios to ``--cfg job``
+(the dry run adds the config checks and the planner to composing the config). On a machine without GPUs, or
+without an SFT run of that model, the dry run ends refused (exit 2) after printing its plan; that is counted as a
+finished run when the plan was printed (the refusal comes after the plan). Nothing is asserted.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import platform
-import statistics
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-STEPS, BATCH, LR = 640, 64, 3e-3
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import Variant, header, interleaved, python, report  # noqa: E402
+
+ENV = {"OMP_NUM_THREADS": "1"}
+DRY_RUN = ["phase=ppo", "hardware=a100x8", "model=llama3_8b", "dry_run=true"]
 
 
-def _setup():
-    from omegaconf import OmegaConf
-
-    from rlhf_exp.cli import compose
-    from rlhf_exp.data.synthetic import build_task_data
-    from rlhf_exp.models import build_tiny_model, build_tiny_tokenizer
-
-    cfg = OmegaConf.to_object(compose([]))
-    data = build_task_data(cfg.data.synthetic, cfg.data.seed)
-    tokenizer = build_tiny_tokenizer()
-    return cfg, data, tokenizer, build_tiny_model(cfg.model, tokenizer)
-
-
-def _gold(model, tokenizer, data) -> float:
-    from rlhf_exp.evaluation import gold_score
-
-    return gold_score(model, tokenizer, data["eval_prompts"], max_new_tokens=8, batch_size=256)
-
-
+# ------------------------------------------------------------------------------------------ the variants' bodies
 def variant_torch() -> dict:
+    """floor_chain's SFT loop (its helpers, the same encoding), all 10 epochs: see the module's docstring."""
+    import copy
+
+    import floor_chain as fc
     import torch
 
-    torch.manual_seed(0)
-    _, data, tokenizer, model = _setup()
-    rows = []
-    for r in data["sft_train"]:
-        prompt = tokenizer(r["prompt"])["input_ids"]
-        full = tokenizer(r["prompt"] + r["completion"] + tokenizer.eos_token)["input_ids"]
-        rows.append((full, len(prompt)))
-    width = max(len(f) for f, _ in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id)
-    labels = torch.full((len(rows), width), -100)
-    for i, (full, n_prompt) in enumerate(rows):
-        ids[i, : len(full)] = torch.tensor(full)
-        labels[i, n_prompt: len(full)] = torch.tensor(full[n_prompt:])
-    mask = ids != tokenizer.pad_token_id
-    opt = torch.optim.AdamW(model.parameters(), lr=LR)
-    start = time.perf_counter()
-    model.train()
-    for _ in range(STEPS):
-        idx = torch.randint(0, len(rows), (BATCH,))
-        loss = model(input_ids=ids[idx], attention_mask=mask[idx], labels=labels[idx]).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad()
-    train_s = time.perf_counter() - start
-    return {"train_s": train_s, "gold_score": _gold(model, tokenizer, data)}
+    torch.set_num_threads(1)
+    _, data, tokenizer, model = fc.setup()
+    prompts = list(data["eval_prompts"])
+    initial = fc.gold(model, tokenizer, prompts)
+
+    def encode(rows):  # as floor_chain.sft: prompt + completion + EOS, loss on the answer tokens
+        full = [tokenizer(r["prompt"] + r["completion"])["input_ids"] + [tokenizer.eos_token_id] for r in rows]
+        ids, mask = fc.pad_right(full, tokenizer.pad_token_id)
+        labels = ids.masked_fill(~mask, -100)
+        for i, r in enumerate(rows):
+            labels[i, :len(tokenizer(r["prompt"])["input_ids"])] = -100
+        return ids, mask, labels
+
+    train, held = encode(data["sft_train"]), encode(data["sft_eval"])
+    optimizer = fc.opt(model.parameters(), fc.LR["sft"])
+    best, best_loss, steps = None, float("inf"), 0
+    for _ in range(10):
+        model.train()
+        for idx in torch.randperm(len(train[0])).split(64):
+            fc.step(optimizer, list(model.parameters()),
+                    model(input_ids=train[0][idx], attention_mask=train[1][idx], labels=train[2][idx]).loss)
+            steps += 1
+        model.eval()
+        with torch.no_grad():
+            loss = model(input_ids=held[0], attention_mask=held[1], labels=held[2]).loss.item()
+        if loss < best_loss:
+            best, best_loss = copy.deepcopy(model.state_dict()), loss
+    model.load_state_dict(best)
+    return {"steps": steps, "eval_loss": best_loss, "gold_initial": initial, "gold": fc.gold(model, tokenizer, prompts)}
 
 
-def variant_trl() -> dict:
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
+def variant_trl(out: str) -> dict:
+    import bare_trl
+    from transformers import set_seed
 
-    _, data, tokenizer, model = _setup()
-    with tempfile.TemporaryDirectory() as tmp:
-        args = SFTConfig(output_dir=tmp, max_steps=STEPS, per_device_train_batch_size=BATCH, learning_rate=LR,
-                         lr_scheduler_type="constant", bf16=False, gradient_checkpointing=False, use_cpu=True,
-                         report_to="none", save_strategy="no", logging_steps=16, max_length=32, seed=0,
-                         disable_tqdm=True)
-        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(data["sft_train"]),
-                             processing_class=tokenizer)
-        start = time.perf_counter()
-        trainer.train()
-        train_s = time.perf_counter() - start
-    return {"train_s": train_s, "gold_score": _gold(trainer.model, tokenizer, data)}
+    from rlhf_exp.evaluation import gold_score
+    from rlhf_exp.models import build_tiny_model, build_tiny_tokenizer
 
+    set_seed(0)  # as bare_trl.main
+    prompts = list(bare_trl.data()["eval_prompts"])
+    tokenizer = build_tiny_tokenizer()
+    # the starting model: build_tiny_model gives the same weights each time and leaves the RNG untouched
+    initial = gold_score(build_tiny_model(bare_trl.defaults().model, tokenizer), tokenizer, prompts, 8, 256)
+    trainers = []
+    plain_finish = bare_trl.finish
 
-def _timed(cmd: list[str]) -> tuple[float, subprocess.CompletedProcess]:
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    return time.perf_counter() - start, proc
+    def finish(trainer, out_dir):
+        trainers.append(trainer)
+        return plain_finish(trainer, out_dir)
 
-
-def _run_variant(name: str) -> dict:
-    wall, proc = _timed([sys.executable, __file__, "--variant", name])
-    if proc.returncode != 0:
-        raise SystemExit(f"{name} failed:\n{proc.stderr[-2000:]}")
-    return {"wall_s": wall, **json.loads(proc.stdout.strip().splitlines()[-1])}
+    bare_trl.finish = finish  # bare_trl.sft ends with finish(trainer, out): keep the trainer for the final gold
+    result = bare_trl.sft(argparse.Namespace(out=out, sft=None))
+    return {**result, "gold_initial": initial, "gold": gold_score(trainers[0].model, tokenizer, prompts, 8, 256)}
 
 
-def main() -> None:
-    # the light paths, interleaved (A B C A B C ...): the dry run adds the config checks and the planner to --cfg
-    # (on a machine without GPUs the a100x8 dry run ends refused after printing its plan: the time is the same)
-    paths = (["--help"], ["--cfg", "job"], ["phase=ppo", "hardware=a100x8", "model=llama3_8b", "dry_run=true"])
-    times: dict[str, list[float]] = {" ".join(args): [] for args in paths}
-    for _ in range(3):
-        for args in paths:
-            times[" ".join(args)].append(_timed([sys.executable, "-m", "rlhf_exp", *args])[0])
-    light = {args: statistics.median(t) for args, t in times.items()}
+# ------------------------------------------------------------------------------------------ parsing the runs
+def last_json(text: str, _tmp: Path) -> dict:
+    r = json.loads([ln for ln in text.splitlines() if ln.startswith("{")][-1])
+    return {k: r[k] for k in ("steps", "eval_loss", "gold")}
 
-    results = {"torch": _run_variant("torch"), "trl": _run_variant("trl")}
-    with tempfile.TemporaryDirectory() as tmp:
-        wall, proc = _timed([sys.executable, "-m", "rlhf_exp", f"output_root={tmp}"])
-        if proc.returncode != 0:
-            raise SystemExit(f"rlhf_exp failed:\n{proc.stderr[-2000:]}")
-        summary = json.loads(next(Path(tmp).rglob("summary.json")).read_text())["metrics"]
-        results["rlhf_exp"] = {"wall_s": wall, "train_s": summary["train_runtime_s"], "gold_score": summary["gold_score"]}
 
-    print(f"machine: {platform.machine()}, {__import__('os').cpu_count()} cores, Python {platform.python_version()}")
-    for args, seconds in light.items():
-        print(f"python -m rlhf_exp {args:<58} {seconds:6.2f} s (median of 3)")
-    print(f"\n{'variant':<10} {'wall s':>8} {'train s':>8} {'gold':>6}")
-    for name, r in results.items():
-        print(f"{name:<10} {r['wall_s']:8.1f} {r['train_s']:8.1f} {r['gold_score']:6.3f}")
-    ours, trl, floor = results["rlhf_exp"], results["trl"], results["torch"]
-    print(f"\nwall  ratio rlhf_exp / bare TRL   : {ours['wall_s'] / trl['wall_s']:.2f}")
-    print(f"wall  ratio rlhf_exp / plain torch: {ours['wall_s'] / floor['wall_s']:.2f}")
-    print(f"train ratio bare TRL / plain torch: {trl['train_s'] / floor['train_s']:.2f}")
-    print(f"train ratio rlhf_exp / bare TRL   : {ours['train_s'] / trl['train_s']:.2f} "
-          "(rlhf_exp adds per-epoch eval and checkpoints for best-model restore)")
+def ours(_text: str, tmp: Path) -> dict:
+    (summary,) = Path(tmp).rglob("summary.json")
+    m = json.loads(summary.read_text())["metrics"]
+    return {"steps": m["steps"], "eval_loss": m["eval_loss"], "gold": m["gold_score"]}
+
+
+def plan_printed(text: str, _tmp: Path) -> dict:
+    if '"fits"' not in text:  # exit 2 without a plan is a real failure
+        raise SystemExit(f"the dry run printed no plan; its output ends with:\n{text[-3000:]}")
+    return {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--reps", type=int, default=3, help="rounds (default 3)")
+    ap.add_argument("--light-only", action="store_true", help="only the CLI's light paths")
+    ap.add_argument("--variant", choices=("torch", "trl"), help=argparse.SUPPRESS)  # one run's body (internal)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.variant:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        print(json.dumps(variant_torch() if args.variant == "torch" else variant_trl(args.out)))
+        return 0
+
+    print(header())
+    print(f"rounds: {args.reps}; threads: 1 per process (OMP_NUM_THREADS=1); a fresh process per run\n", flush=True)
+    if not args.light_only:
+        print("== the SFT job: torch (plain PyTorch floor), trl (bare TRL script), rlhf_exp ==", flush=True)
+        me = "benchmarks/overhead.py"
+        results = interleaved([
+            Variant("torch", python(me, "--variant", "torch"), ENV, last_json),
+            Variant("trl", python(me, "--variant", "trl", "--out", "{tmp}"), ENV, last_json),
+            Variant("rlhf_exp", python("-m", "rlhf_exp", "output_root={tmp}"), ENV, ours),
+        ], reps=args.reps)
+        floor = report(results, baseline="torch", extra=("steps", "eval_loss", "gold"))
+        print()
+        vs_trl = report({k: results[k] for k in ("trl", "rlhf_exp")}, baseline="trl")["rlhf_exp"]
+        print("\nsummary (medians of the round-by-round ratios):")
+        for name, m in (("rlhf_exp / torch", floor["rlhf_exp"]), ("trl / torch", floor["trl"]),
+                        ("rlhf_exp / trl", vs_trl)):
+            print(f"  {name:<17} CPU {m['cpu']:.3f}  wall {m['wall']:.3f}  peak RSS {m['rss_mb']:.3f}")
+        print(flush=True)
+
+    print("== the CLI's light paths (python -m rlhf_exp ...) ==", flush=True)
+    light = interleaved([
+        Variant("--help", python("-m", "rlhf_exp", "--help"), ENV),
+        Variant("--cfg job", python("-m", "rlhf_exp", "--cfg", "job"), ENV),
+        Variant("ppo dry run", python("-m", "rlhf_exp", *DRY_RUN, "output_root={tmp}"), ENV, plan_printed, (0, 2)),
+    ], reps=args.reps)
+    report(light, baseline="--cfg job")
+    print(f"\nppo dry run = python -m rlhf_exp {' '.join(DRY_RUN)} (exit 0 or 2: refused after its plan, no GPU here)")
+    return 0
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--variant":
-        sys.path.insert(0, str(ROOT))
-        print(json.dumps({"torch": variant_torch, "trl": variant_trl}[sys.argv[2]]()))
-    else:
-        main()
+    sys.exit(main())

@@ -392,7 +392,7 @@ def execute(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
     """Run the phase in this process (one of the workers when there are several): parents, runner,
     the run folder's files (continued when ``resume``). Returns the runner's metrics."""
     from rlhf_exp.launch.distributed import limit_cpu_threads
-    from rlhf_exp.runners import get_runner
+    from rlhf_exp.runners import get_runner, import_libraries
     from rlhf_exp.tracking.lineage import resolve_parents
     from rlhf_exp.tracking.run import Run
 
@@ -405,6 +405,8 @@ def execute(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
     GUARD.install()  # from here SIGTERM/SIGUSR2 mean: checkpoint at the end of the step, then stop
     try:
         with Run(run_dir, cfg, parents, resume=resume) as run:
+            with run.stage("imports"):
+                import_libraries(cfg.phase.name)
             return runner(typed, run)
     finally:
         GUARD.uninstall()

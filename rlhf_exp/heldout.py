@@ -150,7 +150,8 @@ class HeldOutEval(TrainerCallback):
         if not self.prompts or step in self.done_steps:
             return
         self.done_steps.add(step)
-        evaluation = self.evaluate(seed=self.cfg.seed * 1_000_003 + step)
+        with self.run.stage("train/heldout_eval"):
+            evaluation = self.evaluate(seed=self.cfg.seed * 1_000_003 + step)
         self.run.log(evaluation, step)
         self.metrics.update({k.replace("/", "_"): v for k, v in evaluation.items()})
         if self.monitor is None or not act:
@@ -220,8 +221,8 @@ class HeldOutEval(TrainerCallback):
         adapters disabled) the same."""
         ref = self.trainer.ref_model
         if ref is not None:
-            return token_logprobs(ref, out, attn, prompt_len, 1.0)[0]
+            return token_logprobs(ref, out, attn, prompt_len, 1.0, entropy=False)[0]
         if not hasattr(policy, "disable_adapter"):
             raise RuntimeError("DPO's held-out evaluation found neither a reference model nor LoRA adapters to disable")
         with policy.disable_adapter():
-            return token_logprobs(policy, out, attn, prompt_len, 1.0)[0]
+            return token_logprobs(policy, out, attn, prompt_len, 1.0, entropy=False)[0]

@@ -345,18 +345,19 @@ def forward_transient(shape: Shape, tokens: int, seq: int, c: int, eager: bool =
 
 
 def head_bytes(shape: Shape, kind: str, tokens: int, c: int, scored: int = 0, trained_head: bool = False,
-               cuda: bool = True) -> float:
+               cuda: bool = True, kept: int | None = None) -> float:
     """The LM head's memory. ``fused`` (TRL SFT/DPO): a tile buffer of 4096 tokens x 32768 vocabulary entries, an
     fp32 hidden-state gradient and, when the head is trained, an fp32 weight-gradient accumulator (on CPU only the
     tile's columns a small vocabulary writes become resident: torch.empty pages nobody touches cost no RAM).
-    ``logits`` (our PPO, ``token_logprobs``): [tokens, vocab] logits in the compute dtype, then over the ``scored``
-    (answer) positions an fp32 copy, log-softmax and its exp for the entropy. ``scalar``: a reward/value head, ~0."""
+    ``logits`` (our PPO, ``token_logprobs``): logits in the compute dtype over the ``kept`` positions (the LM head runs
+    on each answer's positions and the one before: ``logits_to_keep``; all ``tokens`` when None), then over the
+    ``scored`` (answer) positions an fp32 copy, log-softmax and its exp for the entropy. ``scalar``: a reward/value head, ~0."""
     h, v = shape.hidden_size, shape.vocab_size
     if kind == "fused":
         cols = FUSED_VOCAB_CHUNK if cuda else min(v, FUSED_VOCAB_CHUNK)
         return min(tokens, FUSED_TOKEN_CHUNK) * cols * c + tokens * h * 4 + (v * h * 4 if trained_head else 0)
     if kind == "logits":
-        return tokens * v * c + 3 * scored * v * 4
+        return (tokens if kept is None else kept) * v * c + 3 * scored * v * 4
     return 0.0
 
 
@@ -369,12 +370,14 @@ def train_pass(shape: Shape, s: _Setup, batch: int, seq: int, head: str, scored:
     layer = layer_activations(shape, tokens, seq, s.c, s.eager, lora_in)
     body = shape.num_layers * tokens * s.c * shape.hidden_size + layer if s.checkpointing else shape.num_layers * layer
     final_norm = tokens * (4 + 2 * s.c) * shape.hidden_size
-    return body + final_norm + head_bytes(shape, head, tokens, s.c, batch * scored, trained_head, s.cuda)
+    return body + final_norm + head_bytes(shape, head, tokens, s.c, batch * scored, trained_head, s.cuda,
+                                          kept=batch * (scored + 1) if scored else None)
 
 
 def forward_pass(shape: Shape, s: _Setup, batch: int, seq: int, head: str, scored: int = 0) -> float:
+    kept = batch * (scored + 1) if scored else None
     return (forward_transient(shape, batch * seq, seq, s.c, s.eager)
-            + head_bytes(shape, head, batch * seq, s.c, batch * scored, cuda=s.cuda))
+            + head_bytes(shape, head, batch * seq, s.c, batch * scored, cuda=s.cuda, kept=kept))
 
 
 def kv_cache(shape: Shape, batch: int, seq: int, c: int) -> float:

@@ -11,16 +11,20 @@ from rlhf_exp.data.encode import position_ids
 from rlhf_exp.evaluation import own_generation_config
 
 
-def token_logprobs(model, input_ids, attention_mask, prompt_len: int, temperature: float):
-    """Log-probabilities (and entropies) of the response tokens under ``model``, positions counted over
-    real tokens (the prompts are left-padded), as generate() counted them."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=position_ids(attention_mask)).logits[:, prompt_len - 1:-1].float()
+def token_logprobs(model, input_ids, attention_mask, prompt_len: int, temperature: float, entropy: bool = True):
+    """Log-probabilities (and entropies, or None with ``entropy=False``) of the response tokens under ``model``,
+    positions counted over real tokens (the prompts are left-padded), as generate() counted them. The LM head runs
+    on the positions that predict response tokens only (``logits_to_keep``): with a 128k vocabulary its logits over
+    the prompt would cost more than the rest of the forward on a short answer."""
+    response = input_ids.shape[1] - prompt_len
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                   logits_to_keep=response + 1).logits[:, -response - 1:-1].float()
     logits = logits / temperature
     logp_all = torch.log_softmax(logits, dim=-1)
     logprobs = torch.gather(logp_all, 2, input_ids[:, prompt_len:].unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logprobs, entropy
+    if not entropy:
+        return logprobs, None
+    return logprobs, -(logp_all.exp() * logp_all).sum(-1)
 
 
 class SeededSampler:
@@ -33,16 +37,32 @@ class SeededSampler:
     top-p/top-k truncation (refused by validate) and no processor from the checkpoint's generation
     config (``own_generation_config``), so PPO's old log-probabilities describe the sampler exactly."""
 
-    def __init__(self, temperature: float, seed: int, rows: slice, total_rows: int, device):
+    def __init__(self, temperature: float, seed: int, rows: slice, total_rows: int, device, record: bool = False):
         self.temperature, self.rows, self.total_rows = temperature, rows, total_rows
         self.generator = torch.Generator(device=device).manual_seed(seed)
+        # with record: each picked token's log-probability and each position's entropy, as token_logprobs gives them
+        self.record = record
+        self.logprobs: list[torch.Tensor] = []
+        self.entropies: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        cdf = torch.softmax(scores.float() / self.temperature, dim=-1).cumsum(-1)
+        logits = scores.float() / self.temperature
+        cdf = torch.softmax(logits, dim=-1).cumsum(-1)
         u = torch.rand(self.total_rows, generator=self.generator, device=self.generator.device)[self.rows]
         pick = torch.searchsorted(cdf, (u.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)).clamp(max=cdf.shape[-1] - 1)
+        if self.record:
+            logp = torch.log_softmax(logits, dim=-1)
+            self.logprobs.append(logp.gather(-1, pick).squeeze(-1))
+            self.entropies.append(-(logp.exp() * logp).sum(-1))
         # greedy decoding then takes exactly the sampled token
         return torch.full_like(scores, float("-inf")).scatter(-1, pick, 0.0)
+
+    def recorded(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The recorded log-probabilities and entropies, [rows, width]: one column per generated token, zeros past
+        the tokens this process generated (others may have generated longer)."""
+        logprobs, entropies = torch.stack(self.logprobs, dim=1), torch.stack(self.entropies, dim=1)
+        pad = width - logprobs.shape[1]
+        return torch.nn.functional.pad(logprobs, (0, pad)), torch.nn.functional.pad(entropies, (0, pad))
 
 
 def sample(model, tokenizer, input_ids, attention_mask, sampler: SeededSampler, max_new_tokens: int, **kwargs):

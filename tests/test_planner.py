@@ -188,8 +188,11 @@ def test_activation_kv_cache_and_logits_formulas():
     assert planner.layer_activations(shape, 1, 1, 2) == 208_896
     # KV cache: 2 * 32 layers * 1024 (8 kv heads x 128) * 1024 positions * 8 sequences * 2 bytes = 1.07 GB
     assert planner.kv_cache(shape, 8, 1024, 2) == 2 * 32 * 1024 * 1024 * 8 * 2
-    # PPO's logits: 8 x 1024 x vocab in bf16 + 3 fp32 [8 x 256 x vocab] (copy, log-softmax, exp)
+    # PPO's logits: 8 x 1024 x vocab in bf16 + 3 fp32 [8 x 256 x vocab] (copy, log-softmax, exp); with the LM head on
+    # the answers' positions only (logits_to_keep: 257 per row), 8 x 257 x vocab in bf16
     assert planner.head_bytes(shape, "logits", 8 * 1024, 2, 8 * 256) == 8 * 1024 * V_LLAMA * 2 + 3 * 8 * 256 * V_LLAMA * 4
+    assert planner.head_bytes(shape, "logits", 8 * 1024, 2, 8 * 256, kept=8 * 257) == (8 * 257 * V_LLAMA * 2
+                                                                                       + 3 * 8 * 256 * V_LLAMA * 4)
 
 
 def test_tokens_gpu_hours_and_cost_by_hand(compose):

@@ -88,8 +88,9 @@ class PolicyLossStats:
 def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                         mask: torch.Tensor, cliprange: float, total=None) -> PolicyLossStats:
     """PPO's clipped surrogate: mean over tokens of max(-A r, -A clip(r, 1-e, 1+e)), r = pi/pi_old.
-    ``total``: the denominator of every mean, see :func:`masked_mean`."""
-    log_ratio = logprobs - old_logprobs
+    ``total``: the denominator of every mean, see :func:`masked_mean`. Positions outside the mask get a ratio of
+    1 before the mean (their log-probabilities may be anything, even far apart: exp() must not overflow there)."""
+    log_ratio = torch.where(mask.bool(), logprobs - old_logprobs, 0.0)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)

@@ -13,6 +13,8 @@ import math
 import os
 import shutil
 import sys
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +43,45 @@ class Rollout:
     scores: torch.Tensor  # raw reward-model scores, [B]
     prompts: list  # strings or message lists, as in the data
     texts: list[str]
+
+
+class StageTimer:
+    """Wall seconds per stage of a PPO step, logged as ``time/<stage>`` (``time/generate``, ``time/policy_forward``,
+    ``time/reference_forward``, ``time/value_forward``, ``time/reward_forward``, ``time/update``, ``time/step``; ``time/eval``
+    for a held-out evaluation, whose own stages are not split). On a GPU the device is synchronised at both ends
+    of a stage, so its kernels are counted where they were queued. Each process times its own share."""
+
+    def __init__(self, device):
+        self.sync = getattr(device, "type", "cpu") == "cuda"
+        self.seconds: dict[str, float] = {}
+        self.mute = 0
+
+    @contextmanager
+    def __call__(self, stage: str):
+        if self.mute:
+            yield
+            return
+        if self.sync:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.sync:
+                torch.cuda.synchronize()
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+    @contextmanager
+    def muted(self):
+        self.mute += 1
+        try:
+            yield
+        finally:
+            self.mute -= 1
+
+    def pop(self) -> dict[str, float]:
+        out, self.seconds = {f"time/{k}": v for k, v in self.seconds.items()}, {}
+        return out
 
 
 def token_values(critic, input_ids, attention_mask, prompt_len: int):
@@ -86,6 +127,8 @@ class PPOTrainer:
         self.engines = backend_for(cfg.hardware)(cfg, policy, critic, reference, reward_model, accelerator,
                                                  policy_lr or phase.learning_rate, run_dir=run_dir)
         self.device = accelerator.device
+        self.timer = StageTimer(self.device)
+        self.logprobs_from_generation = logprobs_from_generation(phase, cfg.hardware)
 
     @property
     def policy(self):
@@ -102,14 +145,16 @@ class PPOTrainer:
 
     # -- rollout -------------------------------------------------------------------------------
     def _reference_logprobs(self, ids, attn, prompt_len):
-        with torch.no_grad():
+        def score(model):
+            return torch.cat([token_logprobs(model, ids[c], attn[c], prompt_len, self.phase.temperature, entropy=False)[0]
+                              for c in self._chunks(len(ids))])
+
+        with torch.no_grad(), self.timer("reference_forward"):
             if self.engines.reference is not None:
                 with self.engines.frozen(self.engines.reference) as reference:
-                    return torch.cat([token_logprobs(reference, ids[c], attn[c], prompt_len, self.phase.temperature)[0]
-                                      for c in self._chunks(len(ids))])
+                    return score(reference)
             with self.engines.bare_policy().disable_adapter():
-                return torch.cat([token_logprobs(self.policy, ids[c], attn[c], prompt_len, self.phase.temperature)[0]
-                                  for c in self._chunks(len(ids))])
+                return score(self.policy)
 
     @torch.no_grad()
     def rollout(self) -> tuple[Rollout, torch.Tensor]:
@@ -121,7 +166,8 @@ class PPOTrainer:
         pick = torch.randint(len(self.prompts), (total,), generator=self.generator).tolist()
 
         def sampler(rows: slice) -> SeededSampler:
-            return SeededSampler(phase.temperature, self.seed * 1_000_003 + self.steps_done, rows, total, self.device)
+            return SeededSampler(phase.temperature, self.seed * 1_000_003 + self.steps_done, rows, total, self.device,
+                                 record=self.logprobs_from_generation)
 
         return self._roll([self.prompts[i] for i in pick], [self.prompt_ids[i] for i in pick], sampler, values=True)
 
@@ -139,14 +185,16 @@ class PPOTrainer:
         ids, attn = ids[rows].to(self.device), attn[rows].to(self.device)
         self.policy.eval()
         # the bare model (out of DDP's wrapper) generates; sharded ones gather each layer as they reach it
-        if sampler is not None:
-            out = sample(self.engines.bare_policy(), tok, ids, attn, sampler(rows), phase.max_new_tokens,
-                         **self.engines.generate_kwargs)
-        else:
-            model = self.engines.bare_policy()
-            with own_generation_config(model, tok, do_sample=False, max_new_tokens=phase.max_new_tokens) as config:
-                out = model.generate(input_ids=ids, attention_mask=attn, generation_config=config,
-                                     **self.engines.generate_kwargs)
+        drawn = sampler(rows) if sampler is not None else None
+        with self.timer("generate"):
+            if drawn is not None:
+                out = sample(self.engines.bare_policy(), tok, ids, attn, drawn, phase.max_new_tokens,
+                             **self.engines.generate_kwargs)
+            else:
+                model = self.engines.bare_policy()
+                with own_generation_config(model, tok, do_sample=False, max_new_tokens=phase.max_new_tokens) as config:
+                    out = model.generate(input_ids=ids, attention_mask=attn, generation_config=config,
+                                         **self.engines.generate_kwargs)
         prompt_len = ids.shape[1]
         if self.world > 1:  # processes stop generating at different lengths: pad to the longest
             longest = int(acc.gather(torch.tensor([out.shape[1]], device=self.device)).max())
@@ -155,15 +203,22 @@ class PPOTrainer:
         mask = core.response_mask(response, tok.eos_token_id)
         attn = torch.cat([attn, mask.long()], dim=1)
         chunks = self._chunks(len(out))
-        scored = [token_logprobs(self.policy, out[c], attn[c], prompt_len, phase.temperature) for c in chunks]
-        logprobs, entropy = torch.cat([s[0] for s in scored]), torch.cat([s[1] for s in scored])
+        if drawn is not None and drawn.record:  # phase.rollout_logprobs: from the logits each token was drawn from
+            logprobs, entropy = drawn.recorded(response.shape[1])
+            # past an answer's EOS generate() wrote padding, not the sampler's pick: nothing to score there
+            logprobs, entropy = (torch.where(mask.bool(), x, 0.0) for x in (logprobs, entropy))
+        else:
+            with self.timer("policy_forward"):
+                scored = [token_logprobs(self.policy, out[c], attn[c], prompt_len, phase.temperature) for c in chunks]
+                logprobs, entropy = torch.cat([s[0] for s in scored]), torch.cat([s[1] for s in scored])
         ref_logprobs = self._reference_logprobs(out, attn, prompt_len)
         if values:
-            token_vals = torch.cat([token_values(self.critic, out[c], attn[c], prompt_len) for c in chunks])
+            with self.timer("value_forward"):
+                token_vals = torch.cat([token_values(self.critic, out[c], attn[c], prompt_len) for c in chunks])
         else:
             token_vals = torch.zeros_like(logprobs)
         texts = tok.batch_decode(response * mask.long() + tok.pad_token_id * (1 - mask.long()), skip_special_tokens=True)
-        with self.engines.frozen(self.engines.reward_model) as reward_model:
+        with self.timer("reward_forward"), self.engines.frozen(self.engines.reward_model) as reward_model:
             mine = prompt_ids[rows]
             scores = torch.cat([self._scores(reward_model, prompts[rows][c], mine[c], response[c], mask[c])
                                 for c in chunks])
@@ -188,6 +243,10 @@ class PPOTrainer:
         answers its share); every process returns the same numbers."""
         if not self.eval_prompts:
             return {}
+        with self.timer("eval"), self.timer.muted():
+            return self._evaluate()
+
+    def _evaluate(self) -> dict[str, float]:
         r, entropy = self._roll(self.eval_prompts, self.eval_prompt_ids, None, values=False)
         kl = ((r.logprobs - r.ref_logprobs) * r.mask).sum(1)
         answers = [row[m.bool()].tolist() for row, m in zip(r.input_ids[:, r.prompt_len:], r.mask)]
@@ -257,6 +316,12 @@ class PPOTrainer:
 
     # -- one PPO step --------------------------------------------------------------------------
     def step(self) -> dict[str, float]:
+        with self.timer("step"):
+            metrics = self._step()
+        metrics.update(self.timer.pop())
+        return metrics
+
+    def _step(self) -> dict[str, float]:
         phase = self.phase
         r, entropy = self.rollout()
         kl = core.kl_per_token(r.logprobs, r.ref_logprobs, str(phase.kl_estimator)) * r.mask
@@ -264,46 +329,9 @@ class PPOTrainer:
         advantages, returns = core.gae(rewards, r.values, r.mask, phase.gamma, phase.lam)
         advantages = core.masked_whiten(advantages, r.mask)
 
-        self.policy.train()
-        self.critic.train()
         batch = r.input_ids.shape[0]
-        stats: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "clipfrac": [], "approx_kl": []}
-        stop = False
-        for _ in range(phase.ppo_epochs):
-            order = torch.randperm(batch, generator=self.generator)
-            for minibatch_index, minibatch in enumerate(order.chunk(phase.num_mini_batches), start=1):
-                # each process takes its share of the mini-batch; dividing by the whole mini-batch's token
-                # count (over the number of processes, which gradient averaging multiplies back) makes the
-                # update the one a single process computes on the whole mini-batch, however the share is
-                # split into micro-batches (their gradients add up before the one optimizer step)
-                tokens = r.mask[minibatch].sum().clamp(min=1) / self.world
-                share = minibatch.chunk(self.world)[self.rank]
-                micro = share.split(phase.micro_batch_size or len(share))
-                sums = torch.zeros(4, device=self.device)
-                for j, idx in enumerate(micro):
-                    with self.engines.accumulating(last=j == len(micro) - 1):
-                        ids, attn, m = r.input_ids[idx], r.attention_mask[idx], r.mask[idx]
-                        logprobs, _ = token_logprobs(self.policy, ids, attn, r.prompt_len, phase.temperature)
-                        values = token_values(self.critic, ids, attn, r.prompt_len)
-                        pl = core.clipped_policy_loss(logprobs, r.logprobs[idx], advantages[idx], m, phase.cliprange,
-                                                      tokens)
-                        vl = core.clipped_value_loss(values, r.values[idx], returns[idx], m, phase.cliprange_value,
-                                                     tokens)
-                        self.engines.backward(pl.loss, phase.vf_coef * vl)
-                    sums += torch.stack([pl.loss, vl, pl.clipfrac, pl.approx_kl]).detach()
-                if self._nonfinite(minibatch_index):  # its update is dropped, or the run stops
-                    continue
-                self.engines.step()
-                # the mini-batch's means: each process holds a share of them
-                means = (self.accelerator.reduce(sums, "mean") if self.world > 1 else sums).tolist()
-                for key, value in zip(("policy_loss", "value_loss", "clipfrac", "approx_kl"), means):
-                    stats[key].append(value)
-                # old TRL's rule: stop this step's epochs once the update drifted 1.5x past target_kl
-                if phase.target_kl is not None and means[3] > 1.5 * phase.target_kl:
-                    stop = True
-                    break
-            if stop:
-                break
+        with self.timer("update"):
+            stats, stop = self._update(r, advantages, returns)
 
         self.steps_done += 1
         mean_kl = kl.sum(1).mean().item()  # mean over sequences of the summed per-token KL
@@ -329,6 +357,51 @@ class PPOTrainer:
             golds = [self.gold_fn(p, t) for p, t in zip(r.prompts, r.texts)]
             metrics["ppo/gold_reward"] = sum(golds) / len(golds)
         return metrics
+
+    def _update(self, r: Rollout, advantages, returns) -> tuple[dict[str, list[float]], bool]:
+        """phase.ppo_epochs passes over the rollout in phase.num_mini_batches shuffled mini-batches, one clipped
+        update of policy and critic each; the per-update statistics, and whether target_kl ended the epochs early."""
+        self.policy.train()
+        self.critic.train()
+        phase, batch = self.phase, r.input_ids.shape[0]
+        stats: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "clipfrac": [], "approx_kl": []}
+        stop = False
+        for _ in range(phase.ppo_epochs):
+            order = torch.randperm(batch, generator=self.generator)
+            for minibatch_index, minibatch in enumerate(order.chunk(phase.num_mini_batches), start=1):
+                # each process takes its share of the mini-batch; dividing by the whole mini-batch's token
+                # count (over the number of processes, which gradient averaging multiplies back) makes the
+                # update the one a single process computes on the whole mini-batch, however the share is
+                # split into micro-batches (their gradients add up before the one optimizer step)
+                tokens = r.mask[minibatch].sum().clamp(min=1) / self.world
+                share = minibatch.chunk(self.world)[self.rank]
+                micro = share.split(phase.micro_batch_size or len(share))
+                sums = torch.zeros(4, device=self.device)
+                for j, idx in enumerate(micro):
+                    with self.engines.accumulating(last=j == len(micro) - 1):
+                        ids, attn, m = r.input_ids[idx], r.attention_mask[idx], r.mask[idx]
+                        logprobs, _ = token_logprobs(self.policy, ids, attn, r.prompt_len, phase.temperature, entropy=False)
+                        values = token_values(self.critic, ids, attn, r.prompt_len)
+                        pl = core.clipped_policy_loss(logprobs, r.logprobs[idx], advantages[idx], m, phase.cliprange,
+                                                      tokens)
+                        vl = core.clipped_value_loss(values, r.values[idx], returns[idx], m, phase.cliprange_value,
+                                                     tokens)
+                        self.engines.backward(pl.loss, phase.vf_coef * vl)
+                    sums += torch.stack([pl.loss, vl, pl.clipfrac, pl.approx_kl]).detach()
+                if self._nonfinite(minibatch_index):  # its update is dropped, or the run stops
+                    continue
+                self.engines.step()
+                # the mini-batch's means: each process holds a share of them
+                means = (self.accelerator.reduce(sums, "mean") if self.world > 1 else sums).tolist()
+                for key, value in zip(("policy_loss", "value_loss", "clipfrac", "approx_kl"), means):
+                    stats[key].append(value)
+                # old TRL's rule: stop this step's epochs once the update drifted 1.5x past target_kl
+                if phase.target_kl is not None and means[3] > 1.5 * phase.target_kl:
+                    stop = True
+                    break
+            if stop:
+                break
+        return stats, stop
 
     def _nonfinite(self, minibatch: int) -> bool:
         """NaN/inf gradients (the same answer on every process) are never applied: the mini-batch is skipped
@@ -405,7 +478,7 @@ class PPOTrainer:
             if self.phase.eval_steps and (step % self.phase.eval_steps == 0 or step == steps):
                 evaluation = self.evaluate()
                 if evaluation:
-                    log(evaluation, step)
+                    log({**evaluation, **self.timer.pop()}, step)
                     self.last_eval = {**evaluation, "step": step}
             bar.set_postfix(reward=f"{last['ppo/reward']:.3f}", kl=f"{last['ppo/kl']:.3f}", refresh=False)
             if not math.isfinite(last.get("ppo/policy_loss", 0.0)):
@@ -439,6 +512,17 @@ def load_reward_stats(rm_run: Path) -> dict | None:
     from rlhf_exp.tracking.lineage import reward_stats_problem
 
     return reward_stats_problem(rm_run)[0]
+
+
+def logprobs_from_generation(phase, hardware) -> bool:
+    """phase.rollout_logprobs: whether the rollout's log-probabilities come from the sampler's logits (no policy
+    forward after generating). auto: only where they equal a forward's to float rounding: full fp32 matmuls (no
+    TF32, no half precision) and no quantized layers."""
+    mode = str(phase.rollout_logprobs)
+    if mode != "auto":
+        return mode == "generate"
+    return (str(hardware.precision) == "fp32" and torch.get_float32_matmul_precision() == "highest"
+            and not (hardware.load_in_4bit or hardware.load_in_8bit))
 
 
 def disable_dropout(model) -> None:

@@ -9,6 +9,7 @@ import logging
 # imports below pull it in.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
+import contextlib  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
@@ -111,7 +112,8 @@ def phase_data(cfg: RunConfig, tokenizer, preferences: bool, run: Run | None = N
     from rlhf_exp.models import check_chat_template
 
     counts: dict = {}
-    data = preference_data(cfg.data, counts) if preferences else sft_data(cfg.data, counts)
+    with run.stage("data") if run is not None else contextlib.nullcontext():
+        data = preference_data(cfg.data, counts) if preferences else sft_data(cfg.data, counts)
     check_chat_template(tokenizer, cfg.model, data.train)
     if run is not None:
         for split, split_counts in counts.items():
@@ -161,7 +163,7 @@ def gold(cfg: RunConfig, model, tokenizer, data: PhaseData, run: Run, name: str)
         import deepspeed
 
         gathered = deepspeed.zero.GatheredParameters(list(model.parameters()))
-    with gathered:
+    with gathered, run.stage(f"gold_{name}"):
         return gold_score(model, tokenizer, data.eval_prompts, cfg.phase.max_new_tokens,
                           cfg.phase.per_device_eval_batch_size,
                           samples_path=run.dir / f"samples_{name}.jsonl" if run.main else None,
@@ -221,10 +223,20 @@ def train_and_evaluate(cfg: RunConfig, run: Run, built: Built) -> dict:
     checkpointing = of_trainer(trainer)
     checkpointing.trainer, checkpointing.resume_from = trainer, resume_from
     start = time.monotonic()
+    evaluate = trainer.evaluate
+
+    def timed_evaluate(*args, **kwargs):  # the trainer's evaluations during training, in summary.json "timings"
+        with run.stage("train/evaluate"):
+            return evaluate(*args, **kwargs)
+
+    trainer.evaluate = timed_evaluate
     try:
-        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        with run.stage("train"):
+            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except NonFiniteGradients as exc:
         raise save_last_good(trainer, exc) from None
+    finally:
+        trainer.evaluate = evaluate
     metrics["train_runtime_s"] = round(time.monotonic() - start, 2)
     metrics["num_processes"] = trainer.accelerator.num_processes  # as accelerate set it up, not as asked
     metrics["steps"] = trainer.state.global_step
@@ -234,7 +246,8 @@ def train_and_evaluate(cfg: RunConfig, run: Run, built: Built) -> dict:
     metrics["early_stopped"] = trainer.state.global_step < trainer.state.max_steps  # only early stopping ends sooner
     if built.data.eval is not None:
         log.muted = True  # the best model's numbers: already in metrics.jsonl at the step they were logged
-        final = rename(trainer.evaluate(), with_perplexity=log.perplexity)
+        with run.stage("evaluate"):
+            final = rename(trainer.evaluate(), with_perplexity=log.perplexity)
         log.muted = False
         metrics.update({summary_key(k): v for k, v in final.items() if k.startswith("eval/")})
     return metrics
@@ -290,8 +303,9 @@ def save_and_finish(run: Run, built: Built, folder: str = "final", kind: str = "
 
     trainer = built.trainer if str(run.cfg.hardware.distributed) in SHARDED else None
     state, args = built.trainer.state, built.trainer.args
-    final_dir = save_for_next_phase(built.trainer.model, built.tokenizer, run.checkpoint_dir / folder, kind,
-                                    state.global_step, run.run_id, trainer=trainer)
+    with run.stage("save"):
+        final_dir = save_for_next_phase(built.trainer.model, built.tokenizer, run.checkpoint_dir / folder, kind,
+                                        state.global_step, run.run_id, trainer=trainer)
     # the final model is the best one when early stopping restored it or when the best is the last step;
     # else the best checkpoint stays
     best = None if args.load_best_model_at_end else state.best_model_checkpoint

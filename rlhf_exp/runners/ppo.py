@@ -92,8 +92,9 @@ def run(cfg: RunConfig, run: Run) -> dict:
 
     monitor = monitor_of(cfg, run)
     start = time.monotonic()
-    last = trainer.train(steps, run.log, checkpoints, cfg.phase.save_steps, cfg.phase.save_minutes,
-                         cfg.phase.keep_checkpoints, monitor=monitor)
+    with run.stage("train"):
+        last = trainer.train(steps, run.log, checkpoints, cfg.phase.save_steps, cfg.phase.save_minutes,
+                             cfg.phase.keep_checkpoints, monitor=monitor)
     metrics["train_runtime_s"] = round(time.monotonic() - start, 2)
     if not last:  # resumed from the last step's checkpoint: its numbers are in metrics.jsonl
         last = next(r for r in reversed(run.previous) if "ppo/kl" in r)
@@ -114,8 +115,9 @@ def run(cfg: RunConfig, run: Run) -> dict:
         metrics["gold_score"] = score
         run.log({"eval/gold_score": score}, step=steps)
     model, saver = trainer.engines.final_policy()  # sharded: the backend gathers the whole weights
-    final_dir = save_for_next_phase(model, tokenizer, run.checkpoint_dir / "final", "policy", steps, run.run_id,
-                                    trainer=saver)
+    with run.stage("save"):
+        final_dir = save_for_next_phase(model, tokenizer, run.checkpoint_dir / "final", "policy", steps, run.run_id,
+                                        trainer=saver)
     if trainer.last_eval:  # the last held-out evaluation (phase.eval_steps)
         metrics.update({k.replace("/", "_"): v for k, v in trainer.last_eval.items() if k != "step"})
     # the best checkpoint by a held-out signal (PPOTrainer.selection_metric) stays when it is not the final policy

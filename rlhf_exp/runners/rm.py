@@ -86,8 +86,9 @@ def run(cfg: RunConfig, run: Run) -> dict:
               "data likely inconsistent (InstructGPT-style labels typically give 0.65-0.75)", file=sys.stderr)
     data = built.data
     if data.eval is not None:
-        stats, chosen, rejected = held_out_reward_stats(built.trainer.model, built.tokenizer, data.eval,
-                                                        cfg.phase.per_device_eval_batch_size)
+        with run.stage("reward_stats"):
+            stats, chosen, rejected = held_out_reward_stats(built.trainer.model, built.tokenizer, data.eval,
+                                                            cfg.phase.per_device_eval_batch_size)
         write_reward_stats(run.dir, stats)
         metrics.update(reward_mean=stats["mean"], reward_std=stats["std"])
         if data.eval_pair_golds:

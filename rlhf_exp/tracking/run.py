@@ -3,7 +3,7 @@
     <run folder>/config.yaml     the fully resolved config the run used
     <run folder>/manifest.json   run id, phase, config hash, parents, git commit, times, status
     <run folder>/metrics.jsonl   one JSON object per logging step: {"step": n, "train/loss": ...}
-    <run folder>/summary.json    {"phase": ..., "metrics": {...}, "checkpoint": path}
+    <run folder>/summary.json    {"phase": ..., "metrics": {...}, "checkpoint": path, "timings": {...}}
     <run folder>/checkpoints/    the phase's saved models
 
 The manifest is written when the run starts (status "running") and rewritten in a ``finally`` when it
@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -170,9 +171,16 @@ class Run:
         self.previous: list[dict[str, Any]] = []
         # what the loaders read and the trainers kept, per split (summary.json "data")
         self.data: dict[str, dict[str, Any]] = {}
+        # wall and CPU seconds of this process per stage (summary.json "timings"): see stage()
+        self.timings: dict[str, dict[str, float]] = {}
+        self._clock: tuple[float, float] | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
     def __enter__(self) -> Run:
+        # this process's CPU seconds so far (imports, composing, checks; a phase forked from pipeline.preload's
+        # pre-imported process starts at 0), then the clocks of the run itself
+        self.timings["before_run"] = {"cpu_s": _process_cpu()}
+        self._clock = (time.perf_counter(), _process_cpu())
         self.dir.mkdir(parents=True, exist_ok=True)
         if self.resuming:
             self.previous = read_metrics(self.dir / "metrics.jsonl", repair=self.main)
@@ -313,6 +321,31 @@ class Run:
         return next((p for p in self.parents if p["phase"] == phase), None)
 
     # -- recording --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        """Times a stage of the run (``imports``, ``data``, ``gold_initial``, ``train``, ``evaluate``, ``gold_final``,
+        ``save``, ``reward_stats``): wall and CPU seconds of this process (every thread), added up per name into summary.json's
+        ``timings``, beside ``before_run`` (CPU before the run folder opened: config, checks, lineage), ``other`` (the
+        run's time in no stage: loading data and models, building the trainer, writing files) and ``total`` (the run,
+        from its folder opening to its summary). A name with a slash is a part of a stage (``train/evaluate``: the trainer's
+        evaluations during training), left out of ``other``'s sum."""
+        wall, cpu = time.perf_counter(), _process_cpu()
+        try:
+            yield
+        finally:
+            entry = self.timings.setdefault(name, {"wall_s": 0.0, "cpu_s": 0.0})
+            entry["wall_s"] += time.perf_counter() - wall
+            entry["cpu_s"] += _process_cpu() - cpu
+
+    def _timings(self) -> dict[str, dict[str, float]]:
+        out = {name: {k: round(v, 3) for k, v in entry.items()} for name, entry in self.timings.items()}
+        if self._clock is not None:
+            total = {"wall_s": time.perf_counter() - self._clock[0], "cpu_s": _process_cpu() - self._clock[1]}
+            staged = [e for n, e in self.timings.items() if n != "before_run" and "/" not in n]
+            out["other"] = {k: round(total[k] - sum(e[k] for e in staged), 3) for k in total}
+            out["total"] = {k: round(v, 3) for k, v in total.items()}
+        return out
+
     def log(self, metrics: dict[str, float], step: int) -> None:
         if not self.main or not metrics:
             return
@@ -352,6 +385,7 @@ class Run:
         }
         if self.data:
             summary["data"] = self.data
+        summary["timings"] = self._timings()
         if self.main:
             write_json_atomic(self.dir / "summary.json", summary)
             self.manifest["checkpoint"] = summary["checkpoint"]
@@ -363,6 +397,11 @@ class Run:
                 print(f"rlhf_exp: W&B: checkpoint artifact not logged ({type(exc).__name__}: {exc})", file=sys.stderr)
         self._summary_written = True
         return summary
+
+
+def _process_cpu() -> float:
+    """CPU seconds of this process, all threads, user + system."""
+    return time.process_time()
 
 
 def _cpu_threads() -> int:

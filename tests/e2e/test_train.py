@@ -45,6 +45,11 @@ def test_sft_default_command_learns(sft_run, compose):
     assert changed(tiny_init_state(compose), checkpoint_state(summary["checkpoint"]))
     assert manifest["status"] == "succeeded" and manifest["parents"] == [] and manifest["phase"] == "sft"
     assert summary["phase"] == "sft" and (sft_run / "config.yaml").exists() and (sft_run / ".hydra").is_dir()
+    # where the time went (summary.json "timings"): the evaluations each epoch are a part of training
+    t = summary["timings"]
+    assert {"before_run", "imports", "gold_initial", "train", "train/evaluate", "evaluate", "gold_final", "save", "other",
+            "total"} <= set(t)
+    assert 0 < t["train/evaluate"]["cpu_s"] < t["train"]["cpu_s"] < t["total"]["cpu_s"]
 
 
 def test_dpo_from_the_sft_run_raises_gold(sft_run, tmp_path):
@@ -206,6 +211,15 @@ def test_ppo_beats_sft_on_gold_within_the_kl_budget(sft_run, rm_run, tmp_path):
     assert len(steps) == config.phase.max_steps and all(k in steps[-1] for k in PPO_METRICS)
     assert steps[-1]["ppo/reward"] > steps[0]["ppo/reward"], "the reward model's score rose"
     assert steps[-1]["ppo/kl_coef"] != steps[0]["ppo/kl_coef"], "the adaptive controller moved the coefficient"
+    # every step's stages timed; they add up to no more than the step. No policy forward after generating: on
+    # fp32 CPU phase.rollout_logprobs=auto takes the log-probabilities from the sampler's logits
+    stages = ("generate", "reference_forward", "value_forward", "reward_forward", "update")
+    for r in steps:
+        assert all(r[f"time/{s}"] > 0 for s in stages) and "time/policy_forward" not in r, r
+        assert sum(r[f"time/{s}"] for s in stages) <= r["time/step"], r
+    evals = [r for r in read_metrics(ppo) if "eval/kl" in r]
+    assert evals and all(r["time/eval"] > 0 and "time/generate" not in r for r in evals)
+    assert {"gold_initial", "train", "gold_final", "save", "other", "total"} <= set(summary["timings"])
     assert [p["phase"] for p in read_json(ppo / "manifest.json")["parents"]] == ["sft", "rm"]
     assert changed(checkpoint_state(read_json(sft_run / "summary.json")["checkpoint"]),
                    checkpoint_state(summary["checkpoint"]))

@@ -115,3 +115,20 @@ def test_shaped_rewards_put_the_score_on_the_last_real_token():
 
 def test_masked_mean():
     assert masked_mean(T([[1.0, 3.0, 100.0]]), T([[1.0, 1.0, 0.0]])).item() == 2.0
+
+
+def test_positions_outside_the_mask_cannot_overflow_the_ratio():
+    """Past an answer's EOS the old and new log-probabilities may be far apart (the sampler's pick against the
+    padding's): the loss and its gradient stay finite and equal those without those positions."""
+    from rlhf_exp.ppo.core import clipped_policy_loss
+
+    new = torch.tensor([[-1.0, -0.1]], requires_grad=True)
+    old = torch.tensor([[-1.2, -200.0]])
+    mask = torch.tensor([[1.0, 0.0]])
+    stats = clipped_policy_loss(new, old, torch.tensor([[1.0, 1.0]]), mask, 0.2)
+    stats.loss.backward()
+    assert torch.isfinite(stats.loss) and torch.isfinite(new.grad).all() and new.grad[0, 1] == 0
+    alone = clipped_policy_loss(torch.tensor([[-1.0]]), torch.tensor([[-1.2]]), torch.tensor([[1.0]]),
+                                torch.tensor([[1.0]]), 0.2)
+    assert stats.loss.item() == pytest.approx(alone.loss.item()) and stats.approx_kl.item() == pytest.approx(
+        alone.approx_kl.item())

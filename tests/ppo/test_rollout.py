@@ -19,7 +19,8 @@ def rollout(folder, seed: int = 3, temperature: float = 1.0):
 
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    ids, attn = pad([prompt_ids(tok, p) for p in PROMPTS], tok.pad_token_id, side="left")
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id  # Llama/Mistral have none
+    ids, attn = pad([prompt_ids(tok, p) for p in PROMPTS], pad_id, side="left")
     sampler = SeededSampler(temperature, seed, slice(0, len(PROMPTS)), len(PROMPTS), "cpu")
     with torch.no_grad():
         out = sample(model, tok, ids, attn, sampler, max_new_tokens=12)
@@ -50,6 +51,70 @@ def test_each_sampled_token_follows_the_softmax_ppo_scores(scaled_model):
         picked = replay(None, logits[:, t - 1]).argmax(-1)
         running = (out[:, prompt_len:t] != tok.eos_token_id).all(1)  # rows still generating
         assert torch.equal(picked[running], out[running, t]), t
+
+
+@pytest.mark.parametrize("family", ["llama3_1", "mistral_v03", "qwen2_5"])
+def test_log_probabilities_from_the_kept_logits_equal_the_full_forwards(scaled_model, family):
+    """token_logprobs runs the LM head on the answer's positions only (logits_to_keep): the log-probabilities and
+    entropies equal those of the full logits, on each real architecture with its tokenizer and chat template."""
+    model, _, ids, attn, out = rollout(scaled_model(family))
+    prompt_len = ids.shape[1]
+    mask = torch.cat([attn, torch.ones_like(out[:, prompt_len:])], dim=1)
+    with torch.no_grad():
+        logits = model(input_ids=out, attention_mask=mask,
+                       position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, prompt_len - 1:-1].float()
+        logp = torch.log_softmax(logits, -1)
+        full = logp.gather(2, out[:, prompt_len:, None])[..., 0]
+        kept, entropy = token_logprobs(model, out, mask, prompt_len, temperature=1.0)
+        alone, none = token_logprobs(model, out, mask, prompt_len, temperature=1.0, entropy=False)
+    assert torch.allclose(kept, full, atol=1e-5) and torch.equal(kept, alone) and none is None
+    assert torch.allclose(entropy, -(logp.exp() * logp).sum(-1), atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_the_samplers_log_probabilities_equal_a_forwards_in_fp32(scaled_model, temperature):
+    """phase.rollout_logprobs=generate: the log-probabilities and entropies the sampler records from generate()'s
+    logits (KV cache, one position at a time) equal a full forward's over prompt and answer to float rounding in
+    fp32 (Qwen2.5's architecture, left-padded prompts), so PPO's first ratio is 1."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = scaled_model("qwen2_5")
+    tok, model = AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids, attn = pad([prompt_ids(tok, p) for p in PROMPTS], tok.pad_token_id, side="left")
+    sampler = SeededSampler(temperature, 5, slice(0, len(PROMPTS)), len(PROMPTS), "cpu", record=True)
+    with torch.no_grad():
+        out = sample(model, tok, ids, attn, sampler, max_new_tokens=12)
+        prompt_len = ids.shape[1]
+        recorded, recorded_entropy = sampler.recorded(out.shape[1] - prompt_len)
+        mask = torch.cat([attn, torch.ones_like(out[:, prompt_len:])], dim=1)
+        forward, entropy = token_logprobs(model, out, mask, prompt_len, temperature)
+    running = torch.cat([torch.ones_like(out[:, :1], dtype=torch.bool),
+                         (out[:, prompt_len:-1] != tok.eos_token_id).cumprod(1).bool()], dim=1)  # up to the EOS
+    assert recorded.shape == forward.shape and running.sum() > len(PROMPTS)
+    assert torch.allclose(recorded[running], forward[running], atol=2e-6, rtol=0)
+    assert torch.allclose(recorded_entropy[running], entropy[running], atol=0, rtol=2e-6)  # ~6.9 nats: relative
+
+
+def test_log_probabilities_come_from_generation_only_where_exact():
+    """phase.rollout_logprobs=auto: from the sampler in full fp32, from a forward in half precision or quantized."""
+    from types import SimpleNamespace
+
+    from rlhf_exp.ppo.trainer import logprobs_from_generation
+
+    def hw(precision="fp32", q4=False):
+        return SimpleNamespace(precision=precision, load_in_4bit=q4, load_in_8bit=False)
+
+    phase = SimpleNamespace(rollout_logprobs="auto")
+    assert logprobs_from_generation(phase, hw())
+    assert not logprobs_from_generation(phase, hw("bf16")) and not logprobs_from_generation(phase, hw(q4=True))
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls
+        assert not logprobs_from_generation(phase, hw())
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert logprobs_from_generation(SimpleNamespace(rollout_logprobs="generate"), hw("bf16"))
+    assert not logprobs_from_generation(SimpleNamespace(rollout_logprobs="forward"), hw())
 
 
 def test_left_padding_leaves_log_probabilities_unchanged_for_absolute_positions():

@@ -130,5 +130,5 @@ def test_fsdp_ppo_killed_and_resumed_logs_what_the_uninterrupted_run_logged(shar
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 17))
     for ra, rb in zip(a, b):
         for key, value in ra.items():
-            if isinstance(value, float):
+            if isinstance(value, float) and not key.startswith("time/"):  # stage timings differ run to run
                 assert math.isclose(value, rb[key], rel_tol=1e-5, abs_tol=1e-7), (ra["step"], key, value, rb[key])

@@ -32,6 +32,36 @@ def test_run_writes_config_manifest_metrics_and_summary(compose, tmp_path):
     assert "phase:\n  name: sft" in (run.dir / "config.yaml").read_text()
 
 
+def test_stages_are_timed_into_the_summary(compose, tmp_path):
+    """summary.json "timings": wall and CPU seconds per stage, added up per name; a part of a stage ("train/x") is
+    left out of "other", which is the run's time in no stage."""
+    import time
+
+    def spin(seconds: float) -> None:  # this much CPU time (and at least as much wall time)
+        end = time.process_time() + seconds
+        while time.process_time() < end:
+            pass
+
+    cfg = compose([f"output_root={tmp_path}"])
+    with Run(tmp_path / "r3_sft", cfg) as run:
+        spin(0.05)  # in no stage
+        for _ in range(2):
+            with run.stage("train"):
+                spin(0.1)
+                with run.stage("train/evaluate"):
+                    spin(0.05)
+        with run.stage("save"):
+            spin(0.05)
+        run.finish({}, checkpoint=None)
+    t = json.loads((run.dir / "summary.json").read_text())["timings"]
+    assert set(t) == {"before_run", "train", "train/evaluate", "save", "other", "total"}
+    assert t["train"]["cpu_s"] >= 0.3 and t["train/evaluate"]["cpu_s"] >= 0.1 and t["save"]["cpu_s"] >= 0.05
+    assert t["train"]["wall_s"] >= t["train"]["cpu_s"] - 0.01 and t["before_run"]["cpu_s"] > 0
+    for k in ("wall_s", "cpu_s"):
+        assert t["other"][k] == pytest.approx(t["total"][k] - t["train"][k] - t["save"][k], abs=0.002)
+    assert t["other"]["cpu_s"] >= 0.05
+
+
 def test_a_crash_marks_the_run_failed_with_the_error(compose, tmp_path):
     cfg = compose([f"output_root={tmp_path}"])
     with pytest.raises(RuntimeError):
