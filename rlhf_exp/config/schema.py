@@ -432,8 +432,8 @@ class PPOPhaseConfig(PhaseConfig):
     # where the rollout's log-probabilities (PPO's old policy) and entropies come from: generate = the logits the
     # sampler drew each token from (no extra forward of the policy); forward = a forward of the policy over prompt
     # and answer after generating; auto = generate when the policy computes in full fp32 (measured: the two agree to
-    # 5e-7, the first update's ratio is 1 +- 5e-7) and is not quantized, else forward (in bf16 they differ by up to
-    # 8e-3: a ratio that is not 1 before any update)
+    # 1e-6, the first update's ratio is 1 +- 1e-6) and is not quantized, else forward (in bf16 they differ by up to
+    # 7.5e-3: a ratio that is not 1 before any update; benchmarks/ppo_choices.py)
     rollout_logprobs: RolloutLogprobs = RolloutLogprobs.auto
     # must stay 1.0: a nucleus cut under the rollout policy is not part of the log-probabilities PPO's
     # ratio uses (refused by validate, with the reason)

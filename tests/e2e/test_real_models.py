@@ -61,7 +61,10 @@ def chat_chain(scaled_model, tmp_path_factory, request):
     Same commands, same training, same assertions; only the waiting overlaps. The chains are seeded: both
     side-by-side runs gave identical metrics, Qwen2.5's also identical to a serial run (SFT gold 0.778, RM
     accuracy 0.695, PPO gold 0.850 at KL 1.11, DPO gold 0.862); Llama 3.1: 0.715, 0.666, 0.736 at KL 0.91, 0.812;
-    Mistral v0.3: 0.749, 0.680, 0.973 at KL 1.18, 0.858.
+    Mistral v0.3: 0.749, 0.680, 0.973 at KL 1.18, 0.858. Since PPO takes the rollout's log-probabilities from the
+    sampler (phase.rollout_logprobs=auto, 2026-11-30; equal to a forward's to ~1e-6 in fp32, which a seeded chain
+    amplifies), PPO's figures are Qwen2.5 0.847 at KL 1.07, Llama 3.1 0.755 at KL 0.91, Mistral v0.3 0.974 at KL
+    1.37; the other phases' are unchanged.
 
     Why not fewer steps or evaluations: the time is training compute (Qwen2.5 alone: SFT 140 s, RM 33 s, PPO
     67 s, DPO 71 s, each ~10 s of it start-up); a gold evaluation on the 500 held-out prompts takes 0.3 s, so
