@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -106,8 +105,11 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="planner_memory_"))
     py = [sys.executable]
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPU(s), Python {platform.python_version()}; "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}; work folder {work}")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from harness import header
+
+    print(header())
+    print(f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}; work folder {work}")
 
     mid = work / "model_10m"
     subprocess.run([*py, "-m", "rlhf_exp.scaled_models", "--family", "mistral_v03", "--out", str(mid),
@@ -152,6 +154,11 @@ def main() -> None:
         print(f"{name:<10} {at_max:8.3f} {at_longest:8.3f} {measured:9.3f} {at_max / measured:6.2f} "
               f"{at_longest / measured:6.2f} {statistics.median(m['wall'] for m in runs[name]):7.1f} "
               f"{statistics.median(m['cpu'] for m in runs[name]):7.1f} {rss:9.3f}")
+    print("\nmeasured growth round by round (the variant's peak RSS less the baseline's of the same round, GB): "
+          "min / median / max")
+    for name in variants:
+        growth = [m["rss_gb"] - b["rss_gb"] for m, b in zip(runs[name], runs["baseline"])]
+        print(f"  {name:<10} {min(growth):.3f} / {statistics.median(growth):.3f} / {max(growth):.3f}")
     print(f"\nlongest sequences (tokens): {json.dumps(longest)}; spread of measured peaks (max - min, GB): "
           + ", ".join(f"{n} {max(m['rss_gb'] for m in runs[n]) - min(m['rss_gb'] for m in runs[n]):.3f}" for n in runs))
 
