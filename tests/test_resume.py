@@ -138,7 +138,7 @@ def same_ppo_metrics(expected: Path, got: Path) -> None:
     assert [r["step"] for r in a] == [r["step"] for r in b], "every step logged once, in order"
     for ra, rb in zip(a, b):
         for key in ra:
-            if isinstance(ra[key], float):
+            if isinstance(ra[key], float) and not key.startswith("time/"):  # stage timings differ run to run
                 assert abs(ra[key] - rb[key]) <= 1e-5 * max(1.0, abs(ra[key])), (ra["step"], key, ra[key], rb[key])
 
 
