@@ -24,7 +24,12 @@ def token_logprobs(model, input_ids, attention_mask, prompt_len: int, temperatur
     logprobs = torch.gather(logp_all, 2, input_ids[:, prompt_len:].unsqueeze(-1)).squeeze(-1)
     if not entropy:
         return logprobs, None
-    return logprobs, -(logp_all.exp() * logp_all).sum(-1)
+    return logprobs, entropy_of(logp_all)
+
+
+def entropy_of(logp: torch.Tensor) -> torch.Tensor:
+    """Entropy of each distribution over the last dimension, given its log-probabilities."""
+    return -(logp.exp() * logp).sum(-1)
 
 
 class SeededSampler:
@@ -53,7 +58,7 @@ class SeededSampler:
         if self.record:
             logp = torch.log_softmax(logits, dim=-1)
             self.logprobs.append(logp.gather(-1, pick).squeeze(-1))
-            self.entropies.append(-(logp.exp() * logp).sum(-1))
+            self.entropies.append(entropy_of(logp))
         # greedy decoding then takes exactly the sampled token
         return torch.full_like(scores, float("-inf")).scatter(-1, pick, 0.0)
 

@@ -109,9 +109,12 @@ def serve(control_in: int, control_out: int) -> None:
     stop_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     started = time.process_time()
+    from rlhf_exp.runners import RUNNERS, import_libraries
+
     for name in PRELOAD:
         __import__(name)
-    from trl import DPOTrainer, RewardTrainer, SFTTrainer  # noqa: F401  (the trainers' own imports)
+    for phase in RUNNERS:  # what each phase's runner imports first (its trainer's module too)
+        import_libraries(phase)
 
     out = os.fdopen(control_out, "w", buffering=1)
     threads = _other_threads()
