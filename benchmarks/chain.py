@@ -36,7 +36,8 @@ def ours(text: str, tmp: Path) -> dict:
     its imports: none new under preload), data (reading or building the phase's data), train loop (the trainer's
     loop, less its evaluations), evaluations (the trainer's evaluations during and after training, DPO's held-out
     evaluations, the RM's held-out score statistics), gold (gold evaluations before and after), save (the final
-    model), other (tokenizer and model loading, the trainer's set-up with its tokenisation, data checks, files)."""
+    model), models (loading them), setup (building the trainer: TRL's tokenisation of the data, wrapping; PPO's
+    backend and rollout engine), other (the tokenizer, data checks, files)."""
     (summary,) = Path(tmp).rglob("pipeline_summary.json")
     phases = json.loads(summary.read_text())["phases"]
     rows = {r["phase"]: r.get("metrics", {}) for r in phases}
@@ -50,6 +51,8 @@ def ours(text: str, tmp: Path) -> dict:
         phase = row["phase"]
         parts[f"{phase} start"] = cpu("before_run") + cpu("imports")
         parts[f"{phase} data"] = cpu("data")
+        parts[f"{phase} models"] = cpu("models")
+        parts[f"{phase} setup"] = cpu("setup")
         evals = cpu("train/evaluate") + cpu("train/heldout_eval") + cpu("evaluate") + cpu("reward_stats")
         parts[f"{phase} train loop"] = cpu("train") - cpu("train/evaluate") - cpu("train/heldout_eval")
         parts[f"{phase} evaluations"] = evals

@@ -517,21 +517,42 @@ def merge_adapters(model):
 def merged_lora_state(state: dict, config) -> dict:
     """A peft LoRA model's full state dict (gathered from shards) -> the plain model's, adapters merged into their
     base weights (W + B A * alpha/r) and trained heads (modules_to_save) in place of the originals."""
+    return dict(merged_lora_weights(state.items(), config))
+
+
+def merged_lora_weights(named, config):
+    """(name, tensor) pairs of a model -> those of the plain model, one at a time: a peft LoRA model's adapters
+    merged into their base weights (W + B A * alpha/r, the training copy untouched), trained heads (modules_to_save)
+    in place of the originals, names without peft's prefixes. ``config``: the peft LoraConfig, or None for a plain
+    model (pairs pass through). A LoRA layer's base weight is held (copied: a gathered shard may be freed once the
+    next is gathered) until both of its adapter matrices have passed."""
     import math
 
+    if config is None:
+        yield from named
+        return
     scaling = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
-    merged = {}
-    for key, value in state.items():
+    pending: dict[str, dict] = {}  # LoRA layer -> the parts of it seen so far
+    for key, value in named:
         name = key.removeprefix("base_model.model.")
-        if ".lora_" in name or ".original_module." in name:
+        if ".original_module." in name:
             continue
-        if name.endswith(".base_layer.weight"):
-            prefix = key.removesuffix(".base_layer.weight")
-            a, b = state.get(f"{prefix}.lora_A.default.weight"), state.get(f"{prefix}.lora_B.default.weight")
-            if a is not None and b is not None:
-                value = (value.float() + (b.float() @ a.float()) * scaling).to(value.dtype)
-        merged[name.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")] = value
-    return merged
+        part = next((p for p in (".base_layer.weight", ".lora_A.default.weight", ".lora_B.default.weight")
+                     if name.endswith(p)), None)
+        if part is None:
+            if ".lora_" not in name:  # other adapters' matrices, dropout, magnitude vectors: not weights of the model
+                yield name.replace(".base_layer.", ".").replace(".modules_to_save.default.", "."), value
+            continue
+        layer = name.removesuffix(part)
+        parts = pending.setdefault(layer, {})
+        parts[part] = value.detach().clone()
+        if len(parts) == 3:
+            del pending[layer]
+            base, a, b = parts[".base_layer.weight"], parts[".lora_A.default.weight"], parts[".lora_B.default.weight"]
+            yield f"{layer}.weight", (base.float() + (b.float() @ a.float()) * scaling).to(base.dtype)
+    for layer, parts in pending.items():  # a base layer whose adapter is not there: as it is
+        if ".base_layer.weight" in parts:
+            yield f"{layer}.weight", parts[".base_layer.weight"]
 
 
 def save_gathered(model, state_dict: dict, path) -> None:

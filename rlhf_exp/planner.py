@@ -525,6 +525,26 @@ def _stages(cfg, s: _Setup, shape: Shape, models: dict[str, ModelMemory],
     return {"generation": generation, "scoring": scoring, "training": training, "evaluation": evaluation}
 
 
+def _vllm_engine(cfg, shape: Shape, plan: Plan) -> None:
+    """phase.rollout_engine=vllm: the engine takes phase.vllm_gpu_memory_utilization of each GPU (its weights, its
+    KV cache, its workspace) and the policy no longer generates (its generation stage goes). Held all along, or, with
+    phase.vllm_sleep, only while it generates (freed before the update)."""
+    ph = cfg.phase
+    plan.stages.pop("generation", None)
+    if plan.device_memory is None:
+        plan.notes.append("phase.rollout_engine=vllm: its share of the GPU (phase.vllm_gpu_memory_utilization) is not "
+                          "counted: set hardware.device_memory_gb")
+        return
+    engine = ph.vllm_gpu_memory_utilization * plan.device_memory
+    role = f"vLLM rollout engine, {ph.vllm_gpu_memory_utilization:g} of the GPU"
+    if ph.vllm_sleep:
+        plan.models.append(ModelMemory("rollout_engine", role + " while generating (vllm_sleep)", shape.num_params,
+                                       activations=engine))
+        plan.stages["generation"] = {"rollout_engine": engine}
+    else:
+        plan.models.append(ModelMemory("rollout_engine", role, shape.num_params, weights=engine))
+
+
 def _device_memory(cfg, s: _Setup, ram_gb: float | None) -> tuple[float | None, str]:
     hw = cfg.hardware
     if hw.device_memory_gb is not None:
@@ -649,6 +669,8 @@ def estimate(cfg, records: int | None = None, prompts: int | None = None, ram_gb
         m.activations = max((stage.get(m.name, 0.0) for stage in plan.stages.values()), default=0.0)
     plan.runtime = RUNTIME_GB[plan.accelerator] * GB
     plan.device_memory, plan.device_note = _device_memory(cfg, s, ram_gb)
+    if plan.phase == "ppo" and str(cfg.phase.get("rollout_engine", "hf")) == "vllm":
+        _vllm_engine(cfg, shape, plan)
     _compute(cfg, s, shape, plan, records, prompts)
     plan.notes = s.notes + plan.notes
     hw = cfg.hardware

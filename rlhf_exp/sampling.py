@@ -43,7 +43,7 @@ class SeededSampler:
     config (``own_generation_config``), so PPO's old log-probabilities describe the sampler exactly."""
 
     def __init__(self, temperature: float, seed: int, rows: slice, total_rows: int, device, record: bool = False):
-        self.temperature, self.rows, self.total_rows = temperature, rows, total_rows
+        self.temperature, self.rows, self.total_rows, self.seed = temperature, rows, total_rows, seed
         self.generator = torch.Generator(device=device).manual_seed(seed)
         # with record: each picked token's log-probability and each position's entropy, as token_logprobs gives them
         self.record = record
@@ -70,11 +70,14 @@ class SeededSampler:
         return torch.nn.functional.pad(logprobs, (0, pad)), torch.nn.functional.pad(entropies, (0, pad))
 
 
-def sample(model, tokenizer, input_ids, attention_mask, sampler: SeededSampler, max_new_tokens: int, **kwargs):
+def sample(model, tokenizer, input_ids, attention_mask, sampler: SeededSampler, max_new_tokens: int,
+           generation: dict | None = None, **kwargs):
     """Prompt + sampled answer ids: greedy decoding over the sampler's one-hot logits, with no processor
-    of the checkpoint's own generation config (repetition penalty, top-k, ...) in between."""
+    of the checkpoint's own generation config (repetition penalty, top-k, ...) in between. ``generation``: more
+    generation-config settings (the KV cache and its compilation: ``rollout_engines.generation_settings``)."""
     from transformers import LogitsProcessorList
 
-    with own_generation_config(model, tokenizer, do_sample=False, max_new_tokens=max_new_tokens) as config:
+    with own_generation_config(model, tokenizer, do_sample=False, max_new_tokens=max_new_tokens,
+                               **(generation or {})) as config:
         return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
                               logits_processor=LogitsProcessorList([sampler]), **kwargs)

@@ -133,6 +133,20 @@ def test_ppo_on_a100x8_fits_under_zero3(compose):
     assert p.fits is True and p.peak_stage == "training"
 
 
+def test_a_vllm_rollout_engine_takes_its_share_of_each_gpu_and_the_policy_no_longer_generates(compose):
+    base = plan(compose, "phase=ppo", "hardware=a100x8", "model=llama3_8b")
+    p = plan(compose, "phase=ppo", "hardware=a100x8", "model=llama3_8b", "phase.rollout_engine=vllm")
+    engine = by_name(p)["rollout_engine"]
+    assert engine.resident == pytest.approx(0.3 * base.device_memory) and "generation" not in p.stages
+    assert p.resident == pytest.approx(base.resident + 0.3 * base.device_memory)
+    assert p.total == pytest.approx(base.total + 0.3 * base.device_memory)  # the training stage was the peak
+    asleep = plan(compose, "phase=ppo", "hardware=a100x8", "model=llama3_8b", "phase.rollout_engine=vllm",
+                  "phase.vllm_sleep=true", "phase.vllm_gpu_memory_utilization=0.5")
+    assert by_name(asleep)["rollout_engine"].resident == 0 and asleep.resident == base.resident
+    assert asleep.stages["generation"] == {"rollout_engine": pytest.approx(0.5 * base.device_memory)}
+    assert summary(p)["per_gpu_memory_gb"]["rollout_engine"] == pytest.approx(0.3 * base.device_memory / GB, abs=1e-3)
+
+
 def test_ppo_on_a100x1_without_lora_does_not_fit(compose):
     # bf16 full fine-tuning of policy and critic with paged 8-bit Adam (10 B/param), reference and RM in bf16
     p = plan(compose, "model=llama3_8b", "phase=ppo", "hardware=a100x1", "hardware.lora=false")

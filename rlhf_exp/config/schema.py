@@ -57,6 +57,16 @@ class RolloutLogprobs(StrEnum):
     forward = "forward"
 
 
+class RolloutEngine(StrEnum):
+    hf = "hf"
+    vllm = "vllm"
+
+
+class GenerationCache(StrEnum):
+    dynamic = "dynamic"
+    static = "static"
+
+
 class ModelSource(StrEnum):
     # built locally from model.embedded
     embedded = "embedded"
@@ -435,6 +445,22 @@ class PPOPhaseConfig(PhaseConfig):
     # 1e-6, the first update's ratio is 1 +- 1e-6) and is not quantized, else forward (in bf16 they differ by up to
     # 7.5e-3: a ratio that is not 1 before any update; benchmarks/ppo_choices.py)
     rollout_logprobs: RolloutLogprobs = RolloutLogprobs.auto
+    # what generates the rollouts (docs/ppo-at-scale.md): hf = the policy's own generate() (any hardware, exact
+    # log-probabilities from the sampler); vllm = a vLLM engine in each process (CUDA only, `pip install
+    # rlhf_exp[vllm]`), the policy's weights loaded into it before each rollout after an update (LoRA adapters
+    # merged in on the way), the answers' log-probabilities recomputed by a forward of the trained policy
+    rollout_engine: RolloutEngine = RolloutEngine.hf
+    # hf: the KV cache of generate(): dynamic grows with the answer; static is allocated once for prompt +
+    # max_new_tokens (fixed shapes: what compile_generation needs)
+    generation_cache: GenerationCache = GenerationCache.dynamic
+    # hf with generation_cache=static: torch.compile the decoding step (transformers' CompileConfig; CUDA graphs
+    # on a GPU). The first rollout pays the compilation
+    compile_generation: bool = False
+    # vllm: the share of the GPU's memory the engine takes for its weights and KV cache (beside the training state)
+    vllm_gpu_memory_utilization: float = 0.3
+    # vllm: the engine frees its weights and KV cache between rollouts (vLLM sleep mode, level 2) and receives the
+    # weights again before the next: memory for the update at the cost of a weight load per step
+    vllm_sleep: bool = False
     # must stay 1.0: a nucleus cut under the rollout policy is not part of the log-probabilities PPO's
     # ratio uses (refused by validate, with the reason)
     top_p: float = 1.0

@@ -63,6 +63,43 @@ def _structure_errors(cfg: DictConfig, phase_name: str | None) -> list[str]:
     return errors
 
 
+def _rollout_engine_errors(phase, hw) -> list[str]:
+    """phase.rollout_engine and the generation settings that go with it (docs/ppo-at-scale.md)."""
+    errors = []
+    if str(phase.rollout_engine) == "vllm":
+        if hw.accelerator != "cuda":
+            errors.append(f"phase.rollout_engine=vllm with hardware={hw.name} ({hw.accelerator}): vLLM runs on CUDA GPUs "
+                          "only; use phase.rollout_engine=hf here (or a GPU preset, e.g. hardware=a100x1)")
+        if str(phase.rollout_logprobs) == "generate":
+            errors.append("phase.rollout_logprobs=generate with phase.rollout_engine=vllm: vLLM's log-probabilities come "
+                          "from its own kernels, not from the policy PPO trains, so its ratio would not start at 1; "
+                          "use phase.rollout_logprobs=auto (a forward of the policy recomputes them)")
+        if hw.load_in_4bit or hw.load_in_8bit:
+            errors.append("phase.rollout_engine=vllm with a quantized policy (hardware.load_in_4bit/8bit): the engine "
+                          "would hold an unquantized copy of the merged weights; use phase.rollout_engine=hf")
+        if str(phase.generation_cache) != "dynamic" or phase.compile_generation:
+            errors.append("phase.generation_cache / phase.compile_generation set the hf engine's generate(); with "
+                          "phase.rollout_engine=vllm leave them at their defaults (dynamic, false)")
+        if not 0 < phase.vllm_gpu_memory_utilization < 1:
+            errors.append(f"phase.vllm_gpu_memory_utilization={phase.vllm_gpu_memory_utilization}: must be in (0, 1) "
+                          "(the share of each GPU's memory the engine takes)")
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            errors.append("phase.rollout_engine=vllm but vLLM is not installed in this environment: pip install "
+                          "'rlhf_exp[vllm]' (on the GPU machines), or use phase.rollout_engine=hf")
+    elif phase.vllm_sleep:
+        errors.append("phase.vllm_sleep=true sets the vllm engine; it does nothing with phase.rollout_engine=hf")
+    if phase.compile_generation:
+        if str(phase.generation_cache) != "static":
+            errors.append("phase.compile_generation=true needs fixed shapes: set phase.generation_cache=static too")
+        if str(hw.distributed) in ("fsdp", "deepspeed_zero3"):
+            errors.append(f"phase.compile_generation=true with hardware.distributed={hw.distributed}: a sharded policy "
+                          "gathers each layer's weights as generation reaches it, which a compiled graph cannot "
+                          "hold; set phase.compile_generation=false")
+    return errors
+
+
 def validate(cfg: DictConfig) -> None:
     phase_name = OmegaConf.select(cfg, "phase.name")
     errors = _structure_errors(cfg, phase_name)
@@ -134,6 +171,7 @@ def validate(cfg: DictConfig) -> None:
               f"rollout_batch_size {phase.rollout_batch_size} / num_mini_batches {phase.num_mini_batches} / {world} "
               f"process(es) = {share} sequences; use a divisor of {share}, or null")
         check(phase.critic_learning_rate > 0, f"phase.critic_learning_rate={phase.critic_learning_rate}: must be > 0")
+        errors += _rollout_engine_errors(phase, hw)
         # DeepSpeed applies what its engines accumulated at the mini-batch's end: a bad batch cannot be dropped
         check(not (str(hw.distributed).startswith("deepspeed") and phase.skip_nonfinite_batches > 0),
               f"phase.skip_nonfinite_batches={phase.skip_nonfinite_batches} with hardware.distributed={hw.distributed}: "

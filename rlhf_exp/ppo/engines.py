@@ -134,6 +134,21 @@ class Backend:
         whole, else this backend (its ``save_model`` gathers the shards)."""
         return None, self
 
+    def policy_weights(self):
+        """The policy's weights as the plain model names them, (name, whole tensor) one at a time, LoRA adapters
+        merged in (``models.merged_lora_weights``): what a rollout engine loads (``rollout_engines.VLLMEngine``).
+        A collective under sharding: every process iterates, in the same order; each tensor is valid until the next
+        is drawn (a gathered shard is freed)."""
+        from rlhf_exp.models import merged_lora_weights
+
+        model = self.bare_policy()
+        config = model.peft_config["default"] if hasattr(model, "peft_config") else None
+        return merged_lora_weights(self._whole_parameters(), config)
+
+    def _whole_parameters(self):
+        for name, param in self.bare_policy().named_parameters():
+            yield name, param.detach()
+
     # -- helpers shared by the sharded backends ------------------------------------------------------
     def _trainer_state_path(self, folder: Path) -> Path:
         return Path(folder) / "trainer_state.pt"
@@ -233,6 +248,20 @@ class Accelerated(Backend):
 
     def final_policy(self):
         return self.bare_policy(), None
+
+
+def whole_parameters(model, device):
+    """(name, whole tensor) for each parameter of an FSDP2 model, all-gathered from the processes' shards one at a
+    time (a collective: every process iterates, in the same order)."""
+    from torch.distributed.tensor import DTensor
+
+    for name, param in model.named_parameters():
+        param = param.detach()
+        if isinstance(param, DTensor):
+            if param.device.type != device.type:  # offload_params: shards wait in CPU RAM
+                param = param.to(device)
+            param = param.full_tensor()
+        yield name, param
 
 
 class FSDP(Backend):
@@ -349,12 +378,25 @@ class FSDP(Backend):
             set_state_dict(model, opt, model_state_dict=state[name]["model"], optim_state_dict=state[name]["optim"])
         return self._load_trainer_state(folder)
 
+    def _whole_parameters(self):
+        return whole_parameters(self.policy, self.device)
+
     def save_model(self, path: str) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         full = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.rank == 0:
             save_gathered(self.policy, full, path)
+
+
+def zero3_whole_parameters(model):
+    """(name, whole tensor) for each parameter of a ZeRO-3 partitioned model, gathered one at a time (a collective:
+    every process iterates, in the same order; a tensor is valid until the next is drawn)."""
+    import deepspeed
+
+    for name, param in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([param]):  # whole on every process inside the block
+            yield name, param.data
 
 
 class DeepSpeed(Backend):
@@ -420,6 +462,11 @@ class DeepSpeed(Backend):
 
     def bare_policy(self):
         return self.policy.module
+
+    def _whole_parameters(self):
+        if not self.sharded:
+            return super()._whole_parameters()
+        return zero3_whole_parameters(self.policy.module)
 
     def backward(self, policy_loss, value_loss) -> None:
         self._check_finite(policy_loss + value_loss)

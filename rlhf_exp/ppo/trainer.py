@@ -94,8 +94,10 @@ class PPOTrainer:
 
     def __init__(self, cfg, policy, critic, reward_model, tokenizer, prompts: list, reward_stats: dict | None,
                  accelerator, reference=None, gold_fn=None, policy_lr: float | None = None,
-                 prompt_ids: list[list[int]] | None = None, run_dir=None, eval_prompts: list | None = None):
+                 prompt_ids: list[list[int]] | None = None, run_dir=None, eval_prompts: list | None = None,
+                 model_path=None):
         from rlhf_exp.ppo.engines import backend_for
+        from rlhf_exp.ppo.rollout_engines import rollout_engine
 
         phase = cfg.phase
         self.phase = phase
@@ -128,7 +130,11 @@ class PPOTrainer:
                                                  policy_lr or phase.learning_rate, run_dir=run_dir)
         self.device = accelerator.device
         self.timer = StageTimer(self.device)
-        self.logprobs_from_generation = logprobs_from_generation(phase, cfg.hardware)
+        # phase.rollout_engine: what samples the rollouts (model_path: a folder with the policy's config, for vllm)
+        self.rollout_engine = rollout_engine(cfg, self.engines, tokenizer, model_path)
+        self.logprobs_from_generation = (logprobs_from_generation(phase, cfg.hardware)
+                                         and self.rollout_engine.records_logprobs)
+        self.engine_gap: float | None = None  # rollout/engine_logprob_gap of the last rollout (vllm)
 
     @property
     def policy(self):
@@ -169,6 +175,9 @@ class PPOTrainer:
             return SeededSampler(phase.temperature, self.seed * 1_000_003 + self.steps_done, rows, total, self.device,
                                  record=self.logprobs_from_generation)
 
+        if self.rollout_engine.needs_sync(self.steps_done):  # the policy changed since the engine's weights
+            with self.timer("weight_sync"):
+                self.rollout_engine.sync(self.steps_done)
         return self._roll([self.prompts[i] for i in pick], [self.prompt_ids[i] for i in pick], sampler, values=True)
 
     @torch.no_grad()
@@ -186,10 +195,10 @@ class PPOTrainer:
         self.policy.eval()
         # the bare model (out of DDP's wrapper) generates; sharded ones gather each layer as they reach it
         drawn = sampler(rows) if sampler is not None else None
+        engine_logprobs = None  # the rollout engine's own (vllm), for rollout/engine_logprob_gap only
         with self.timer("generate"):
             if drawn is not None:
-                out = sample(self.engines.bare_policy(), tok, ids, attn, drawn, phase.max_new_tokens,
-                             **self.engines.generate_kwargs)
+                out, engine_logprobs = self.rollout_engine.generate(ids, attn, prompt_ids[rows], drawn)
             else:
                 model = self.engines.bare_policy()
                 with own_generation_config(model, tok, do_sample=False, max_new_tokens=phase.max_new_tokens) as config:
@@ -199,6 +208,9 @@ class PPOTrainer:
         if self.world > 1:  # processes stop generating at different lengths: pad to the longest
             longest = int(acc.gather(torch.tensor([out.shape[1]], device=self.device)).max())
             out = torch.nn.functional.pad(out, (0, longest - out.shape[1]), value=tok.pad_token_id)
+            if engine_logprobs is not None:
+                engine_logprobs = torch.nn.functional.pad(engine_logprobs, (0, longest - prompt_len
+                                                                            - engine_logprobs.shape[1]))
         response = out[:, prompt_len:]
         mask = core.response_mask(response, tok.eos_token_id)
         attn = torch.cat([attn, mask.long()], dim=1)
@@ -222,6 +234,10 @@ class PPOTrainer:
             mine = prompt_ids[rows]
             scores = torch.cat([self._scores(reward_model, prompts[rows][c], mine[c], response[c], mask[c])
                                 for c in chunks])
+        if engine_logprobs is not None:  # summed over this process's answer tokens, with their count
+            gap = torch.stack([((engine_logprobs - logprobs).abs() * mask).sum(), mask.sum()])
+            gap = acc.reduce(gap, "sum") if self.world > 1 else gap
+            self.engine_gap = (gap[0] / gap[1].clamp(min=1)).item()
         tensors = [out, attn, mask, logprobs, ref_logprobs, token_vals, scores, entropy]
         if self.world > 1:
             from accelerate.utils import gather_object
@@ -353,6 +369,8 @@ class PPOTrainer:
         })
         if self.skipped:
             metrics["ppo/skipped_batches"] = float(self.skipped)
+        if self.engine_gap is not None:
+            metrics["rollout/engine_logprob_gap"] = self.engine_gap
         if self.gold_fn is not None:
             golds = [self.gold_fn(p, t) for p, t in zip(r.prompts, r.texts)]
             metrics["ppo/gold_reward"] = sum(golds) / len(golds)

@@ -34,8 +34,9 @@ def build(cfg: RunConfig, run: Run):
     # the config before the model: under ZeRO-3 it then loads partitioned (see trl_args)
     args = dpo_config(cfg, run.dir, has_eval=data.eval is not None)
     before_loading(cfg, run, args)
-    with broadcast_loading(hw):  # under FSDP only rank 0 reads the checkpoint (the reference, below, TRL shards
-        # without broadcasting: it loads whole everywhere)
+    # under FSDP only rank 0 reads the checkpoint (the reference, below, TRL shards without broadcasting: it loads
+    # whole everywhere)
+    with run.stage("models"), broadcast_loading(hw):
         model = load_causal_lm(cfg.model, hw, tokenizer, checkpoint=sft["checkpoint"], trained=not hw.lora)
     after_loading(run, policy=model)
     metrics: dict = {"sft_run": sft["run_id"]}
@@ -43,21 +44,24 @@ def build(cfg: RunConfig, run: Run):
 
     # the reference: under LoRA the policy with its adapters disabled (TRL's, no second copy); else the SFT
     # checkpoint again, frozen, so in the half dtype (TRL would load it in the policy's fp32)
-    ref_model = None if hw.lora else load_causal_lm(cfg.model, hw, tokenizer, checkpoint=sft["checkpoint"], trained=False)
+    with run.stage("models"):
+        ref_model = None if hw.lora else load_causal_lm(cfg.model, hw, tokenizer, checkpoint=sft["checkpoint"],
+                                                        trained=False)
     log, cbs = callbacks(cfg, run, data)
     held_out = held_out_eval(cfg, run, data, tokenizer, metrics)
-    trainer = DPOTrainer(
-        # TRL puts the adapters on (peft_config): given an already wrapped model it would add a second, "ref"
-        # adapter as the reference instead of disabling the adapters
-        model=prepare_for_adapters(model, hw) if hw.lora else model,
-        ref_model=ref_model,
-        args=args,
-        train_dataset=data.train,
-        eval_dataset=data.eval,
-        processing_class=tokenizer,
-        peft_config=lora_config(cfg.model, hw),
-        callbacks=cbs if held_out is None else [*cbs, held_out],
-    )
+    with run.stage("setup"):  # the TRL trainer: its arguments, its tokenisation of the data, the wrapping
+        trainer = DPOTrainer(
+            # TRL puts the adapters on (peft_config): given an already wrapped model it would add a second, "ref"
+            # adapter as the reference instead of disabling the adapters
+            model=prepare_for_adapters(model, hw) if hw.lora else model,
+            ref_model=ref_model,
+            args=args,
+            train_dataset=data.train,
+            eval_dataset=data.eval,
+            processing_class=tokenizer,
+            peft_config=lora_config(cfg.model, hw),
+            callbacks=cbs if held_out is None else [*cbs, held_out],
+        )
     if held_out is not None:
         held_out.trainer = trainer
     upcast_trained(trainer.model)

@@ -21,7 +21,8 @@ def _prompts(cfg: RunConfig, tokenizer, run: Run) -> tuple[list, list[list[int]]
     data = phase_data(cfg, tokenizer, preferences=True, run=run)
     unique = {json.dumps(p, sort_keys=True): p for p in data.train["prompt"]}
     budget = cfg.phase.max_length - cfg.phase.max_new_tokens
-    encoded = [(p, prompt_ids(tokenizer, p)) for p in unique.values()]
+    with run.stage("data"):  # tokenised once, as SFT tokenised them
+        encoded = [(p, prompt_ids(tokenizer, p)) for p in unique.values()]
     prompts = [(p, ids) for p, ids in encoded if len(ids) <= budget]
     run.count_length(dropped=len(unique) - len(prompts), truncated=0, total=len(unique), split="train prompts",
                      rule=f"prompt longer than phase.max_length - phase.max_new_tokens = {budget} tokens")
@@ -61,20 +62,22 @@ def run(cfg: RunConfig, run: Run) -> dict:
     hw, lora = cfg.hardware, cfg.hardware.lora
     # ZeRO-3: every model loads partitioned; FSDP: rank 0 reads the checkpoints, the backend broadcasts its weights
     with loading_context(cfg):
-        policy = load_causal_lm(cfg.model, hw, tokenizer, checkpoint=sft["checkpoint"], trained=not lora)
-        if lora:
-            policy, reference = wrap_lora(policy, cfg.model, hw), None  # reference = adapters disabled
-        else:
-            reference = load_causal_lm(cfg.model, hw, tokenizer, checkpoint=sft["checkpoint"], trained=False)
-        reward_model = load_reward_model(cfg.model, hw, tokenizer, rm["checkpoint"], trained=False)
-        critic = load_value_model(cfg.model, hw, rm["checkpoint"], trained=not cfg.phase.critic_lora)
-        if cfg.phase.critic_lora:  # adapters on the critic's body; its value head trained whole
-            critic = wrap_lora(critic, cfg.model, hw, task_type="TOKEN_CLS", force=True)
+        with run.stage("models"):
+            policy = load_causal_lm(cfg.model, hw, tokenizer, checkpoint=sft["checkpoint"], trained=not lora)
+            if lora:
+                policy, reference = wrap_lora(policy, cfg.model, hw), None  # reference = adapters disabled
+            else:
+                reference = load_causal_lm(cfg.model, hw, tokenizer, checkpoint=sft["checkpoint"], trained=False)
+            reward_model = load_reward_model(cfg.model, hw, tokenizer, rm["checkpoint"], trained=False)
+            critic = load_value_model(cfg.model, hw, rm["checkpoint"], trained=not cfg.phase.critic_lora)
+            if cfg.phase.critic_lora:  # adapters on the critic's body; its value head trained whole
+                critic = wrap_lora(critic, cfg.model, hw, task_type="TOKEN_CLS", force=True)
         after_loading(run, policy=policy, reference=reference, reward_model=reward_model, critic=critic)
-        trainer = PPOTrainer(cfg, policy, critic, reward_model, tokenizer, prompts, load_reward_stats(rm["path"]),
-                             accelerator, reference=reference, gold_fn=gold_reward if data.eval_prompts else None,
-                             policy_lr=learning_rate(cfg.phase, hw), prompt_ids=prompt_ids,
-                             run_dir=run.dir, eval_prompts=held_out_prompts(data))
+        with run.stage("setup"):  # wrapping (and sharding) the models, their optimizers, the rollout engine
+            trainer = PPOTrainer(cfg, policy, critic, reward_model, tokenizer, prompts, load_reward_stats(rm["path"]),
+                                 accelerator, reference=reference, gold_fn=gold_reward if data.eval_prompts else None,
+                                 policy_lr=learning_rate(cfg.phase, hw), prompt_ids=prompt_ids, run_dir=run.dir,
+                                 eval_prompts=held_out_prompts(data), model_path=sft["checkpoint"])
     metrics: dict = {"sft_run": sft["run_id"], "reward_run": rm["run_id"]}
     record_initial_gold(cfg, trainer.engines.bare_policy(), tokenizer, data, run, metrics)
     from rlhf_exp.data.report import preview_prompts

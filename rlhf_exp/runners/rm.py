@@ -32,22 +32,23 @@ def build(cfg: RunConfig, run: Run):
     # the config before the model: under ZeRO-3 it then loads partitioned (see trl_args)
     args = reward_config(cfg, run.dir, has_eval=data.eval is not None)
     before_loading(cfg, run, args)
-    with broadcast_loading(hw):  # under FSDP only rank 0 reads the checkpoint
+    with run.stage("models"), broadcast_loading(hw):  # under FSDP only rank 0 reads the checkpoint
         model = load_reward_model(cfg.model, hw, tokenizer, sft["checkpoint"], trained=not hw.lora)
     after_loading(run, reward_model=model)
     if cfg.phase.freeze_embeddings:
         model.get_input_embeddings().requires_grad_(False)
     log, cbs = callbacks(cfg, run, data)
-    trainer = RewardTrainer(
-        model=prepare_for_adapters(model, hw) if hw.lora else model,
-        args=args,
-        train_dataset=data.train,
-        eval_dataset=data.eval,
-        processing_class=tokenizer,
-        # the score head is new: trained whole beside the body's adapters
-        peft_config=lora_config(cfg.model, hw, task_type="SEQ_CLS"),
-        callbacks=cbs,
-    )
+    with run.stage("setup"):  # the TRL trainer: its arguments, its tokenisation of the data, the wrapping
+        trainer = RewardTrainer(
+            model=prepare_for_adapters(model, hw) if hw.lora else model,
+            args=args,
+            train_dataset=data.train,
+            eval_dataset=data.eval,
+            processing_class=tokenizer,
+            # the score head is new: trained whole beside the body's adapters
+            peft_config=lora_config(cfg.model, hw, task_type="SEQ_CLS"),
+            callbacks=cbs,
+        )
     upcast_trained(trainer.model)
     return Built(trainer, log, tokenizer, data, {"sft_run": sft["run_id"]})
 

@@ -29,22 +29,23 @@ def build(cfg: RunConfig, run: Run):
     args = sft_config(cfg, run.dir, has_eval=data.eval is not None)
     before_loading(cfg, run, args)
     # under LoRA the base is frozen: half precision, or 4/8-bit with hardware.load_in_4bit/8bit (QLoRA)
-    with broadcast_loading(hw):  # under FSDP only rank 0 reads the checkpoint
+    with run.stage("models"), broadcast_loading(hw):  # under FSDP only rank 0 reads the checkpoint
         model = load_causal_lm(cfg.model, hw, tokenizer, trained=not hw.lora)
     after_loading(run, policy=model)
     metrics: dict = {}
     record_initial_gold(cfg, model, tokenizer, data, run, metrics)
 
     log, cbs = callbacks(cfg, run, data)
-    trainer = SFTTrainer(
-        model=prepare_for_adapters(model, hw) if hw.lora else model,
-        args=args,
-        train_dataset=data.train,
-        eval_dataset=data.eval,
-        processing_class=tokenizer,
-        peft_config=lora_config(cfg.model, hw),
-        callbacks=cbs,
-    )
+    with run.stage("setup"):  # the TRL trainer: its arguments, its tokenisation of the data, the wrapping
+        trainer = SFTTrainer(
+            model=prepare_for_adapters(model, hw) if hw.lora else model,
+            args=args,
+            train_dataset=data.train,
+            eval_dataset=data.eval,
+            processing_class=tokenizer,
+            peft_config=lora_config(cfg.model, hw),
+            callbacks=cbs,
+        )
     upcast_trained(trainer.model)
     return Built(trainer, log, tokenizer, data, metrics)
 

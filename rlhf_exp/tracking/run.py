@@ -323,10 +323,10 @@ class Run:
     # -- recording --------------------------------------------------------------------------
     @contextlib.contextmanager
     def stage(self, name: str):
-        """Times a stage of the run (``imports``, ``data``, ``gold_initial``, ``train``, ``evaluate``, ``gold_final``,
-        ``save``, ``reward_stats``): wall and CPU seconds of this process (every thread), added up per name into summary.json's
-        ``timings``, beside ``before_run`` (CPU before the run folder opened: config, checks, lineage), ``other`` (the
-        run's time in no stage: loading data and models, building the trainer, writing files) and ``total`` (the run,
+        """Times a stage of the run (``imports``, ``data``, ``models``, ``setup``, ``gold_initial``, ``train``, ``evaluate``,
+        ``gold_final``, ``save``, ``reward_stats``): wall and CPU seconds of this process (every thread), added up per name
+        into summary.json's ``timings``, beside ``before_run`` (CPU before the run folder opened: config, checks,
+        lineage), ``other`` (the run's time in no stage: the data checks, the tokenizer, writing files) and ``total`` (the run,
         from its folder opening to its summary). A name with a slash is a part of a stage (``train/evaluate``: the trainer's
         evaluations during training), left out of ``other``'s sum."""
         wall, cpu = time.perf_counter(), _process_cpu()

@@ -47,8 +47,9 @@ def test_sft_default_command_learns(sft_run, compose):
     assert summary["phase"] == "sft" and (sft_run / "config.yaml").exists() and (sft_run / ".hydra").is_dir()
     # where the time went (summary.json "timings"): the evaluations each epoch are a part of training
     t = summary["timings"]
-    assert {"before_run", "imports", "gold_initial", "train", "train/evaluate", "evaluate", "gold_final", "save", "other",
-            "total"} <= set(t)
+    assert {"before_run", "imports", "data", "models", "setup", "gold_initial", "train", "train/evaluate", "evaluate",
+            "gold_final", "save", "other", "total"} <= set(t)
+    assert all(t[k]["cpu_s"] > 0 for k in ("data", "models", "setup"))
     assert 0 < t["train/evaluate"]["cpu_s"] < t["train"]["cpu_s"] < t["total"]["cpu_s"]
 
 
@@ -219,7 +220,8 @@ def test_ppo_beats_sft_on_gold_within_the_kl_budget(sft_run, rm_run, tmp_path):
         assert sum(r[f"time/{s}"] for s in stages) <= r["time/step"], r
     evals = [r for r in read_metrics(ppo) if "eval/kl" in r]
     assert evals and all(r["time/eval"] > 0 and "time/generate" not in r for r in evals)
-    assert {"gold_initial", "train", "gold_final", "save", "other", "total"} <= set(summary["timings"])
+    assert {"data", "models", "setup", "gold_initial", "train", "gold_final", "save", "other", "total"} <= \
+        set(summary["timings"])
     assert [p["phase"] for p in read_json(ppo / "manifest.json")["parents"]] == ["sft", "rm"]
     assert changed(checkpoint_state(read_json(sft_run / "summary.json")["checkpoint"]),
                    checkpoint_state(summary["checkpoint"]))

@@ -50,11 +50,18 @@ def main(folder: str, out: str) -> None:
             got = model(ids).logits
             want = reference(ids).logits
         tied = getattr(model.config, "tie_word_embeddings", False) and name == "causal_lm"
+        # what a rollout engine is given (rlhf_exp.ppo.engines.whole_parameters): the whole weights, one at a time
+        from rlhf_exp.ppo.engines import whole_parameters
+
+        expected = dict(reference.named_parameters())
+        gathered = {n: (t.shape == expected[n].shape and torch.equal(t, expected[n].detach())) if n in expected else None
+                    for n, t in whole_parameters(model, torch.device("cpu"))}
         report[name] = {
             "held_after_loading": held,
             "total": sum(p.numel() for p in reference.parameters()),
             "max_abs_diff": (got - want).abs().max().item(),
             "tied_still_one": (model.get_output_embeddings().weight is model.get_input_embeddings().weight) if tied else None,
+            "whole_parameters_equal": sorted(n for n, ok in gathered.items() if ok) == sorted(expected),
             "rotary_inv_freq_finite": all(torch.isfinite(b).all().item() for n, b in model.named_buffers()),
         }
     report["accelerate"] = through_accelerate(folder, hardware, rank, ids)
