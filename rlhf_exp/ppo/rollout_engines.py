@@ -1,13 +1,15 @@
 """What generates PPO's rollouts (``phase.rollout_engine``): the policy's own ``generate()`` or a vLLM engine.
 
-Both sample from softmax(logits / phase.temperature) with no truncation, each answer from a seed that depends on
-the step and the prompt's row in the whole rollout batch only (the same answers however many processes share it).
+Both sample from softmax(logits / phase.temperature) with no truncation, each answer's random draws from a seed that
+depends on the step and the prompt's row in the whole rollout batch only. With hf that makes the answers the same
+however many processes share the batch; vLLM's batched (bf16) logits also depend on which rows share its batch, so
+an answer can differ at a near-tie draw.
 
 - :class:`HFEngine` (``hf``): generate() over :class:`rlhf_exp.sampling.SeededSampler`; its KV cache dynamic or
   static (``phase.generation_cache``), the decoding step compiled with ``phase.compile_generation``. Its sampler can
   record each token's log-probability (``phase.rollout_logprobs``), exact in fp32.
 - :class:`VLLMEngine` (``vllm``, CUDA): a vLLM engine in each process, colocated with training (one GPU each, no
-  tensor parallelism), built once with placeholder weights. Before the first rollout and before each rollout that
+  tensor parallelism), built at the first rollout with placeholder weights. Before the first rollout and before each rollout that
   follows an update, the policy's weights are loaded into it (:meth:`Backend.policy_weights`: whole tensors one at
   a time, gathered from the shards under FSDP / ZeRO-3, LoRA adapters merged in on the way; the training copy is
   never modified). The rollout's log-probabilities are then recomputed by a forward of the trained policy, so PPO's
@@ -86,10 +88,20 @@ class VLLMEngine:
     records_logprobs = False  # vLLM's kernels are not the trained policy's: a forward recomputes them
 
     def __init__(self, cfg, backend, tokenizer, model_path):
+        self.cfg, self.phase, self.backend, self.tokenizer = cfg, cfg.phase, backend, tokenizer
+        self.model_path = model_path
+        self.llm = None  # built at the first sync: outside the models' loading context (ZeRO-3's zero.Init)
+        self.synced_at: int | None = None
+        self.sleeping = False
+
+    def _build(self):
+        """The engine, with placeholder weights. vLLM reseeds the process's random generators as it starts (its
+        worker runs in this process): they are put back as they were."""
+        import random
+
         from vllm import LLM
 
-        self.phase, self.backend, self.tokenizer = cfg.phase, backend, tokenizer
-        phase = cfg.phase
+        cfg, phase, backend = self.cfg, self.phase, self.backend
         # vLLM's "external launcher": it joins the process group torchrun/accelerate made, one engine per process
         for key, value in (("RANK", backend.rank), ("LOCAL_RANK", backend.device.index or 0),
                            ("WORLD_SIZE", backend.world), ("MASTER_ADDR", "127.0.0.1")):
@@ -97,26 +109,36 @@ class VLLMEngine:
         if "MASTER_PORT" not in os.environ:
             os.environ["MASTER_PORT"] = str(_free_port())
         dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(str(cfg.hardware.precision), "float32")
-        self.llm = LLM(
-            model=str(model_path),
-            skip_tokenizer_init=True,  # prompts arrive as ids; answers leave as ids
-            load_format="dummy",  # placeholder weights: the policy's are loaded before the first rollout
-            dtype=dtype,
-            seed=cfg.seed,
-            max_model_len=phase.max_length,  # prompts are at most max_length - max_new_tokens (runners.ppo)
-            max_num_batched_tokens=max(4096, phase.max_length),
-            gpu_memory_utilization=phase.vllm_gpu_memory_utilization,
-            enable_sleep_mode=bool(phase.vllm_sleep),
-            distributed_executor_backend="external_launcher",
-            tensor_parallel_size=1,
-            generation_config="vllm",  # not the checkpoint's generation_config.json (top_k, penalties, extra EOS ids)
-            logprobs_mode="processed_logprobs",  # after temperature: the distribution PPO scores
-        )
-        self.synced_at: int | None = None
-        self.sleeping = False
+        import numpy as np
+
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[backend.device] if backend.device.type == "cuda" else []):
+            llm = LLM(
+                model=str(self.model_path),
+                skip_tokenizer_init=True,  # prompts arrive as ids; answers leave as ids
+                load_format="dummy",  # placeholder weights: the policy's are loaded before the first rollout
+                dtype=dtype,
+                seed=cfg.seed + backend.rank,  # the answers' own seeds are per row (row_seed)
+                max_model_len=phase.max_length,  # prompts are at most max_length - max_new_tokens (runners.ppo)
+                max_num_batched_tokens=max(4096, phase.max_length),
+                gpu_memory_utilization=phase.vllm_gpu_memory_utilization,
+                enable_sleep_mode=bool(phase.vllm_sleep),
+                distributed_executor_backend="external_launcher",
+                tensor_parallel_size=1,
+                generation_config="vllm",  # not the checkpoint's generation_config.json (top_k, penalties, EOS ids)
+                logprobs_mode="processed_logprobs",  # after temperature: the distribution PPO scores
+            )
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
         if phase.vllm_sleep:
-            self.llm.sleep(level=2)
+            llm.sleep(level=2)
             self.sleeping = True
+        return llm
+
+    def _wake(self, tags: list[str]) -> None:
+        if self.backend.device.type == "cuda":
+            torch.cuda.empty_cache()  # memory the update's allocator cached, which vLLM's own allocator cannot use
+        self.llm.wake_up(tags=tags)
 
     def model(self):
         """The engine's model (vLLM's loader names its weights as the Hugging Face checkpoint does)."""
@@ -128,8 +150,10 @@ class VLLMEngine:
     def sync(self, step: int) -> None:
         """Load the policy's current weights into the engine. A collective under FSDP / ZeRO-3: every process calls
         it at the same point (each loads its own engine)."""
+        if self.llm is None:
+            self.llm = self._build()
         if self.sleeping:
-            self.llm.wake_up(tags=["weights"])
+            self._wake(["weights"])
         model = self.model()
         for name, tensor in self.backend.policy_weights():
             model.load_weights([(name, tensor)])
@@ -143,7 +167,7 @@ class VLLMEngine:
 
         tok, phase = self.tokenizer, self.phase
         if self.sleeping:
-            self.llm.wake_up(tags=["kv_cache"])
+            self._wake(["kv_cache"])
             self.sleeping = False
         first = sampler.rows.start
         params = [SamplingParams(n=1, temperature=phase.temperature, top_p=1.0, max_tokens=phase.max_new_tokens,
@@ -155,14 +179,10 @@ class VLLMEngine:
             self.llm.sleep(level=2)  # frees weights and cache: the next rollout loads the weights again
             self.sleeping, self.synced_at = True, None
         answers, logprobs = [], []
-        for output in outputs:
+        for output in outputs:  # an answer that stopped at the EOS ends with it (vLLM keeps a stop token id)
             done = output.outputs[0]
-            answer = list(done.token_ids)
-            lps = [entry[token].logprob for entry, token in zip(done.logprobs or [], answer)]
-            if done.finish_reason == "stop" and (not answer or answer[-1] != tok.eos_token_id):
-                answer.append(tok.eos_token_id)  # the EOS it stopped at, as generate() writes it
-            answers.append(answer)
-            logprobs.append(lps + [0.0] * (len(answer) - len(lps)))
+            answers.append(list(done.token_ids))
+            logprobs.append([entry[token].logprob for entry, token in zip(done.logprobs, done.token_ids)])
         width = max(1, max(len(a) for a in answers))
         response = torch.full((len(answers), width), tok.pad_token_id, dtype=ids.dtype)
         engine_logprobs = torch.zeros(len(answers), width)

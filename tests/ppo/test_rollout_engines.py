@@ -140,13 +140,16 @@ def test_the_vllm_engine_gets_the_policys_weights_before_each_rollout_and_ppo_sc
     and agree with the engine's own (the same fp32 weights: the gap is rounding); seeds follow the prompt's row."""
     folder = scaled_model("qwen2_5")
     trainer = _trainer(compose, folder, lora)
+    assert trainer.rollout_engine.llm is None  # built at the first rollout, outside the models' loading context
+    assert not trainer.logprobs_from_generation  # a forward of the trained policy scores vLLM's answers
+    before = {n: p.detach().clone() for n, p in trainer.engines.bare_policy().named_parameters()}
+    rng = torch.get_rng_state()
+
+    first = trainer.step()
     llm = trainer.rollout_engine.llm
     assert llm.kwargs["load_format"] == "dummy" and llm.kwargs["logprobs_mode"] == "processed_logprobs"
     assert llm.kwargs["generation_config"] == "vllm" and llm.kwargs["skip_tokenizer_init"]
-    assert not trainer.logprobs_from_generation  # a forward of the trained policy scores vLLM's answers
-    before = {n: p.detach().clone() for n, p in trainer.engines.bare_policy().named_parameters()}
-
-    first = trainer.step()
+    assert torch.equal(torch.get_rng_state(), rng)  # vLLM reseeded the process as it started: put back
     assert first["time/weight_sync"] > 0 and first["time/policy_forward"] > 0
     assert first["rollout/engine_logprob_gap"] < 1e-4
     assert llm.calls[:2] == ["reset_prefix_cache", "generate"]
@@ -162,7 +165,8 @@ def test_the_vllm_engine_gets_the_policys_weights_before_each_rollout_and_ppo_sc
     answers = rollout.input_ids[:, rollout.prompt_len:]
     assert rollout.mask.sum() > 0 and (rollout.logprobs * rollout.mask).sum() < 0
 
-    # a prompt's answer depends on its row and the step only: the second half alone samples what it sampled in the whole
+    # each answer's draws depend on its row and the step only: the second half alone samples what it sampled in the
+    # whole (exactly so here, each row alone in fp32; real vLLM batches rows in bf16, so a near-tie draw may differ)
     step_seed = trainer.seed * 1_000_003 + trainer.steps_done
     ids, attn = rollout.input_ids[2:, :rollout.prompt_len], rollout.attention_mask[2:, :rollout.prompt_len]
     half, _ = trainer.rollout_engine.generate(ids, attn, [r[a.bool()].tolist() for r, a in zip(ids, attn)],
@@ -181,6 +185,7 @@ def test_the_vllm_engine_sleeps_between_rollouts_with_vllm_sleep(scaled_model, c
     trainer.rollout_engine = engine
     trainer.rollout()
     trainer.rollout()  # no update in between: the weights were freed, so they are loaded again
+    assert trainer.engine_gap < 1e-4  # (the fake's level-2 sleep overwrites its weights with NaN)
     assert engine.llm.calls == ["sleep2", *(["wake_up:weights", "reset_prefix_cache", "wake_up:kv_cache", "generate",
                                              "sleep2"] * 2)]
 

@@ -37,12 +37,14 @@ class Logprob:
 class _Loader:
     """vLLM's model object as far as weight loading goes: Hugging Face names in, copied into the weights."""
 
-    def __init__(self, model):
-        self.model = model
+    def __init__(self, model, engine):
+        self.model, self.engine = model, engine
         self.params = dict(model.named_parameters())
         self.loaded: list[str] = []
 
     def load_weights(self, weights):
+        if "weights" in self.engine.asleep:
+            raise RuntimeError("fake vLLM: load_weights while the weights sleep (wake_up(tags=['weights']) first)")
         for name, tensor in weights:
             if name not in self.params:
                 raise KeyError(f"fake vLLM: no weight named {name}")
@@ -51,14 +53,24 @@ class _Loader:
             self.loaded.append(name)
 
 
+# the engine arguments rlhf_exp passes, as vLLM's EngineArgs names them (an unknown one is refused, as vLLM does)
+ENGINE_ARGS = {"skip_tokenizer_init", "load_format", "dtype", "seed", "max_model_len", "max_num_batched_tokens",
+               "gpu_memory_utilization", "enable_sleep_mode", "distributed_executor_backend", "tensor_parallel_size",
+               "generation_config", "logprobs_mode"}
+
+
 class LLM:
     def __init__(self, model: str, **kwargs):
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        unknown = set(kwargs) - ENGINE_ARGS
+        if unknown:
+            raise TypeError(f"fake vLLM: unknown engine arguments {sorted(unknown)}")
         self.kwargs = dict(kwargs, model=model)
-        torch.manual_seed(12345)  # placeholder weights, unlike the policy's
-        self.hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model)).eval()
-        self.loader = _Loader(self.hf)
+        self.asleep: set[str] = set()
+        torch.manual_seed(kwargs.get("seed", 0))  # as vLLM's worker reseeds the process's generators
+        self.hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model)).eval()  # placeholder weights
+        self.loader = _Loader(self.hf, self)
         self.llm_engine = SimpleNamespace(model_executor=SimpleNamespace(driver_worker=SimpleNamespace(
             model_runner=SimpleNamespace(model=self.loader))))
         self.calls: list[str] = []
@@ -69,12 +81,20 @@ class LLM:
 
     def sleep(self, level: int = 1):
         self.calls.append(f"sleep{level}")
+        self.asleep = {"weights", "kv_cache"}
+        if level == 2:  # level 2 discards the weights
+            with torch.no_grad():
+                for param in self.hf.parameters():
+                    param.fill_(float("nan"))
 
     def wake_up(self, tags=None):
         self.calls.append(f"wake_up:{','.join(tags or [])}")
+        self.asleep -= set(tags or ["weights", "kv_cache"])
 
     @torch.no_grad()
     def generate(self, prompts, sampling_params, use_tqdm=True):
+        if self.asleep:
+            raise RuntimeError(f"fake vLLM: generate while {sorted(self.asleep)} sleep")
         self.calls.append("generate")
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         outputs = []
