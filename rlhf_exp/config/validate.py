@@ -63,10 +63,15 @@ def _structure_errors(cfg: DictConfig, phase_name: str | None) -> list[str]:
     return errors
 
 
-def _rollout_engine_errors(phase, hw) -> list[str]:
+def _rollout_engine_errors(phase, hw, model) -> list[str]:
     """phase.rollout_engine and the generation settings that go with it (docs/ppo-at-scale.md)."""
     errors = []
     if str(phase.rollout_engine) == "vllm":
+        positions = _max_positions(model)
+        if positions is not None and phase.max_length > positions:
+            errors.append(f"phase.max_length={phase.max_length} with phase.rollout_engine=vllm: the model "
+                          f"({model.path}) has max_position_embeddings={positions}, and vLLM refuses a longer context; "
+                          f"set phase.max_length<={positions}")
         if hw.accelerator != "cuda":
             errors.append(f"phase.rollout_engine=vllm with hardware={hw.name} ({hw.accelerator}): vLLM runs on CUDA GPUs "
                           "only; use phase.rollout_engine=hf here (or a GPU preset, e.g. hardware=a100x1)")
@@ -98,6 +103,21 @@ def _rollout_engine_errors(phase, hw) -> list[str]:
                           "gathers each layer's weights as generation reaches it, which a compiled graph cannot "
                           "hold; set phase.compile_generation=false")
     return errors
+
+
+def _max_positions(model) -> int | None:
+    """max_position_embeddings from a local model folder's config.json (None for a hub id or an unreadable file)."""
+    import json
+
+    folder = Path(str(model.path or "")).expanduser()
+    if model.source != "hub" or not model.path or not (folder / "config.json").is_file():
+        return None
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    value = config.get("max_position_embeddings", (config.get("text_config") or {}).get("max_position_embeddings"))
+    return value if isinstance(value, int) else None
 
 
 def validate(cfg: DictConfig) -> None:
@@ -171,7 +191,7 @@ def validate(cfg: DictConfig) -> None:
               f"rollout_batch_size {phase.rollout_batch_size} / num_mini_batches {phase.num_mini_batches} / {world} "
               f"process(es) = {share} sequences; use a divisor of {share}, or null")
         check(phase.critic_learning_rate > 0, f"phase.critic_learning_rate={phase.critic_learning_rate}: must be > 0")
-        errors += _rollout_engine_errors(phase, hw)
+        errors += _rollout_engine_errors(phase, hw, cfg.model)
         # DeepSpeed applies what its engines accumulated at the mini-batch's end: a bad batch cannot be dropped
         check(not (str(hw.distributed).startswith("deepspeed") and phase.skip_nonfinite_batches > 0),
               f"phase.skip_nonfinite_batches={phase.skip_nonfinite_batches} with hardware.distributed={hw.distributed}: "

@@ -5,6 +5,7 @@ vLLM's offline API. vLLM itself needs a GPU: benchmarks/rollout_engines.py."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -81,6 +82,16 @@ def test_compiled_generation_is_asked_of_transformers_on_every_device(compose):
 def test_rollout_engine_settings_that_cannot_work_are_refused_by_name(compose, overrides, message):
     with pytest.raises(ConfigError, match=message):
         validate(compose(["phase=ppo", *overrides]))
+
+
+def test_vllm_refuses_a_context_longer_than_the_models_positions(compose, scaled_model, fake_vllm):
+    folder = scaled_model("qwen2_5")
+    positions = json.loads((folder / "config.json").read_text())["max_position_embeddings"]
+    with pytest.raises(ConfigError, match=f"phase.max_length={positions + 1} with phase.rollout_engine=vllm: the model "
+                                          f".* has max_position_embeddings={positions}"):
+        validate(compose(["phase=ppo", "hardware=a100x1", "hardware.lora=false", "phase.rollout_engine=vllm",
+                          "model=local", f"model.path={folder}", "data=synthetic_chat",
+                          f"phase.max_length={positions + 1}"]))
 
 
 def test_vllm_not_installed_is_refused_before_anything_loads(compose, monkeypatch):
