@@ -110,8 +110,8 @@ def phase_args(cfg: DictConfig, phase: str, common: list[str], folder: Path | No
     return args
 
 
-def check(cfg: DictConfig, overrides: list[str]) -> None:
-    """Compose and validate every phase's command before anything trains."""
+def check(cfg: DictConfig, overrides: list[str]) -> dict[str, DictConfig]:
+    """Compose and validate every phase's command before anything trains; returns the composed configs."""
     from rlhf_exp.cli import compose
     from rlhf_exp.config.validate import validate
 
@@ -119,14 +119,17 @@ def check(cfg: DictConfig, overrides: list[str]) -> None:
     if unknown:
         raise ConfigError(f"pipeline.phases: unknown phase(s) {unknown}; phases: {', '.join(PARENTS)}")
     common = common_overrides(overrides)
+    composed = {}
     for i, phase in enumerate(cfg.pipeline.phases):
         missing = [p for p, _ in PARENTS[phase] if p not in cfg.pipeline.phases[:i]]
         if missing:
             raise ConfigError(f"pipeline.phases: {phase} needs {', '.join(missing)} to run before it")
         try:
-            validate(compose(phase_args(cfg, phase, common, None)))
+            composed[phase] = compose(phase_args(cfg, phase, common, None))
+            validate(composed[phase])
         except ConfigError as exc:
             raise ConfigError(f"pipeline.{phase}: {exc}") from None
+    return composed
 
 
 MANIFEST = "pipeline.json"
@@ -206,14 +209,14 @@ def run(cfg: DictConfig, overrides: list[str], run_dir: Path | None = None, *, i
     """Run (or continue) the pipeline. Locally: prints the table and exits non-zero unless every phase succeeded.
     ``in_job`` (the pipeline's SLURM job, launcher=slurm): the phases run with launcher=local on this node, and the
     outcome is returned as ``(folder, status, signal received or None)`` for the job to hand over."""
-    check(cfg, overrides)
+    composed = check(cfg, overrides)
     common = phase_overrides(overrides, in_job)
     root, continuing = _folder(cfg, overrides, run_dir)
     root.mkdir(parents=True, exist_ok=True)
     root = root.resolve()
     lock = RunLock(root).acquire()  # one live process per pipeline folder (a double submit, a second terminal)
     try:
-        return _run(cfg, overrides, root, continuing, common, in_job)
+        return _run(cfg, overrides, root, continuing, common, in_job, composed)
     finally:
         lock.release()
 
@@ -239,7 +242,7 @@ def _phase_env(in_job: bool) -> dict | None:
     return {k: v for k, v in os.environ.items() if not k.startswith("SUBMITIT_")}
 
 
-def _phase_server(cfg: DictConfig, root: Path, in_job: bool):
+def _phase_server(cfg: DictConfig, root: Path, in_job: bool, composed: dict[str, DictConfig]):
     """pipeline.preload: one process that imports the ML libraries once and forks each phase from there
     (rlhf_exp.launch.preload), started now so that its imports are under way; None when off, on GPU hardware (CUDA
     must not be touched before a fork; there the import is small beside the training), without fork, with
@@ -250,9 +253,12 @@ def _phase_server(cfg: DictConfig, root: Path, in_job: bool):
         return None  # torch is imported: a phase must import it in its own environment
     if all(_succeeded(root / phase) for phase in cfg.pipeline.phases):
         return None
+    from rlhf_exp.data.loading import synthetic_key
     from rlhf_exp.launch.preload import PhaseServer
 
-    return PhaseServer(env=_phase_env(in_job))
+    # the embedded task's examples, built once in the server for the phases still to run (each would build them)
+    keys = {synthetic_key(c.data) for p, c in composed.items() if not _succeeded(root / p)} - {None}
+    return PhaseServer(env=_phase_env(in_job), warm=list(keys))
 
 
 def _start_phase(server, args: list[str], env: dict | None):
@@ -272,7 +278,8 @@ def _start_phase(server, args: list[str], env: dict | None):
                             preexec_fn=stop_with_parent, env=env)
 
 
-def _run(cfg: DictConfig, overrides: list[str], root: Path, continuing: bool, common: list[str], in_job: bool):
+def _run(cfg: DictConfig, overrides: list[str], root: Path, continuing: bool, common: list[str], in_job: bool,
+         composed: dict[str, DictConfig]):
     resume_command = f"python -m rlhf_exp resume={root}"
     manifest = _read(root / MANIFEST) or {"pipeline": str(cfg.pipeline.name), "identity": _identity(cfg, overrides),
                                            "overrides": [o for o in overrides if not _own(o)],
@@ -285,7 +292,7 @@ def _run(cfg: DictConfig, overrides: list[str], root: Path, continuing: bool, co
         print(f"rlhf_exp: pipeline {cfg.pipeline.name}: continuing {root}", file=sys.stderr, flush=True)
     rows = []
     status = "succeeded"
-    server = _phase_server(cfg, root, in_job)
+    server = _phase_server(cfg, root, in_job, composed)
     with _Forward() as forward:
         for phase in cfg.pipeline.phases:
             folder = root / phase

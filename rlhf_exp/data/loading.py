@@ -27,13 +27,34 @@ def _synthetic(syn_key: tuple, seed: int) -> dict:
     return build_task_data(SimpleNamespace(**dict(syn_key)), seed)
 
 
-def synthetic_splits(data: DataConfig) -> dict:
-    from dataclasses import asdict
+def synthetic_key(data) -> tuple | None:
+    """The cache key of the embedded task's examples for a data config (the dataclass or a composed DictConfig):
+    its settings but the form (both forms are the same examples) and the seed; None for other data sources. Plain
+    values only, so a key survives JSON (``warm_synthetic``)."""
+    if str(data.source) != "synthetic":
+        return None
+    from dataclasses import asdict, is_dataclass
 
+    from omegaconf import OmegaConf
+
+    task = asdict(data.synthetic) if is_dataclass(data.synthetic) else OmegaConf.to_container(data.synthetic)
+    plain = lambda v: v.value if hasattr(v, "value") else v  # noqa: E731  (enums as their values)
+    settings = tuple(sorted((k, plain(v)) for k, v in task.items() if k != "form"))
+    return settings, int(data.seed)
+
+
+def warm_synthetic(keys) -> None:
+    """Build the embedded task for each key (``synthetic_key``) into this process's cache: processes forked from it
+    afterwards (the pipeline's phases, rlhf_exp.launch.preload) find the examples built instead of building them
+    again, each phase."""
+    for settings, seed in keys:
+        _synthetic(tuple(tuple(item) for item in settings), int(seed))
+
+
+def synthetic_splits(data: DataConfig) -> dict:
     from rlhf_exp.data.synthetic import chat_form
 
-    settings = {k: v for k, v in asdict(data.synthetic).items() if k != "form"}  # both forms: the same examples
-    splits = _synthetic(tuple(sorted(settings.items())), data.seed)
+    splits = _synthetic(*synthetic_key(data))
     return chat_form(splits) if str(data.synthetic.form) == "chat" else splits
 
 

@@ -102,8 +102,10 @@ def _child(request: dict) -> None:
         os._exit(code)
 
 
-def serve(control_in: int, control_out: int) -> None:
-    """The server: import, report readiness (or why not), then one phase at a time until the pipe closes. It sits
+def serve(control_in: int, control_out: int, warm: str = "[]") -> None:
+    """The server: import, build the embedded task's examples the phases will use (``warm``: their
+    ``data.loading.synthetic_key``s as JSON; each forked phase finds them built), report readiness (or why not),
+    then one phase at a time until the pipe closes. It sits
     in a session of its own and ignores SIGINT (a terminal's Ctrl-C reaches the pipeline, which passes a stop on to
     the running phase); it dies with the pipeline (PR_SET_PDEATHSIG), passing SIGTERM on first."""
     stop_with_parent()
@@ -115,6 +117,9 @@ def serve(control_in: int, control_out: int) -> None:
         __import__(name)
     for phase in RUNNERS:  # what each phase's runner imports first (its trainer's module too)
         import_libraries(phase)
+    from rlhf_exp.data.loading import warm_synthetic
+
+    warm_synthetic(json.loads(warm))
 
     out = os.fdopen(control_out, "w", buffering=1)
     threads = _other_threads()
@@ -162,7 +167,7 @@ class PhaseServer:
     phases through it. ``available`` is False when the server refused (threads) or died; the pipeline then starts
     phases as separate processes."""
 
-    def __init__(self, env: dict | None = None):
+    def __init__(self, env: dict | None = None, warm: list | None = None):
         to_server_r, self._to_server = os.pipe()
         self._from_server, from_server_w = os.pipe()
         # one OpenMP/MKL thread while importing: a library that runs a parallel region at import would otherwise
@@ -170,7 +175,7 @@ class PhaseServer:
         # calls torch.set_num_threads), with its own environment.
         server_env = {**(env if env is not None else os.environ), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         self.proc = subprocess.Popen([sys.executable, "-c", "import sys; from rlhf_exp.launch.preload import serve; "
-                                      f"serve({to_server_r}, {from_server_w})"],
+                                      f"serve({to_server_r}, {from_server_w}, sys.argv[1])", json.dumps(warm or [])],
                                      pass_fds=(to_server_r, from_server_w), env=server_env, start_new_session=True)
         os.close(to_server_r)
         os.close(from_server_w)

@@ -84,6 +84,22 @@ class StageTimer:
         return out
 
 
+def trimmed(input_ids, attention_mask, prompt_len: int, mask):
+    """A batch cut to the columns some row needs: the left padding every row's prompt has (they are left-padded to
+    the rollout's longest prompt) and the answer columns after every row's answer ended (``mask``, a prefix of each
+    row). Returns (input_ids, attention_mask, prompt_len, width): a forward over them gives the same log-probabilities
+    and values at the ``width`` answer positions kept (positions count real tokens only; causal attention never
+    looks right), and the positions cut are masked everywhere. On a batch of equal lengths nothing is cut."""
+    left = prompt_len - int(attention_mask[:, :prompt_len].sum(1).max())
+    width = max(1, int(mask.sum(1).max()))
+    return input_ids[:, left:prompt_len + width], attention_mask[:, left:prompt_len + width], prompt_len - left, width
+
+
+def widened(x, width: int):
+    """[rows, w] answer-position values back to ``width`` columns (zeros where the batch was cut: masked)."""
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]))
+
+
 def token_values(critic, input_ids, attention_mask, prompt_len: int):
     return critic(input_ids=input_ids, attention_mask=attention_mask,
                   position_ids=position_ids(attention_mask)).logits[:, prompt_len - 1:-1, 0].float()
@@ -150,10 +166,21 @@ class PPOTrainer:
         return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
     # -- rollout -------------------------------------------------------------------------------
-    def _reference_logprobs(self, ids, attn, prompt_len):
+    def _scored(self, fn, ids, attn, prompt_len: int, mask) -> list:
+        """``fn(ids, attn, prompt_len)`` over the rollout in chunks (phase.micro_batch_size rows), each cut to the
+        columns it needs (:func:`trimmed`); every [rows, answer] tensor it returns widened back to the rollout's
+        answer width."""
+        out = []
+        for c in self._chunks(len(ids)):
+            cut_ids, cut_attn, cut_prompt, _ = trimmed(ids[c], attn[c], prompt_len, mask[c])
+            result = fn(cut_ids, cut_attn, cut_prompt)
+            out.append(tuple(None if x is None else widened(x, mask.shape[1]) for x in result))
+        return [torch.cat(parts) if parts[0] is not None else None for parts in zip(*out)]
+
+    def _reference_logprobs(self, ids, attn, prompt_len, mask):
         def score(model):
-            return torch.cat([token_logprobs(model, ids[c], attn[c], prompt_len, self.phase.temperature, entropy=False)[0]
-                              for c in self._chunks(len(ids))])
+            return self._scored(lambda i, a, p: token_logprobs(model, i, a, p, self.phase.temperature, entropy=False),
+                                ids, attn, prompt_len, mask)[0]
 
         with torch.no_grad(), self.timer("reference_forward"):
             if self.engines.reference is not None:
@@ -221,12 +248,13 @@ class PPOTrainer:
             logprobs, entropy = (torch.where(mask.bool(), x, 0.0) for x in (logprobs, entropy))
         else:
             with self.timer("policy_forward"):
-                scored = [token_logprobs(self.policy, out[c], attn[c], prompt_len, phase.temperature) for c in chunks]
-                logprobs, entropy = torch.cat([s[0] for s in scored]), torch.cat([s[1] for s in scored])
-        ref_logprobs = self._reference_logprobs(out, attn, prompt_len)
+                logprobs, entropy = self._scored(lambda i, a, p: token_logprobs(self.policy, i, a, p, phase.temperature),
+                                                 out, attn, prompt_len, mask)
+        ref_logprobs = self._reference_logprobs(out, attn, prompt_len, mask)
         if values:
             with self.timer("value_forward"):
-                token_vals = torch.cat([token_values(self.critic, out[c], attn[c], prompt_len) for c in chunks])
+                token_vals = self._scored(lambda i, a, p: (token_values(self.critic, i, a, p),), out, attn, prompt_len,
+                                          mask)[0]
         else:
             token_vals = torch.zeros_like(logprobs)
         texts = tok.batch_decode(response * mask.long() + tok.pad_token_id * (1 - mask.long()), skip_special_tokens=True)
@@ -382,6 +410,7 @@ class PPOTrainer:
         self.policy.train()
         self.critic.train()
         phase, batch = self.phase, r.input_ids.shape[0]
+        lengths = r.attention_mask.sum(1).cpu()  # real tokens per sequence (prompt and answer), beside the indices
         stats: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "clipfrac": [], "approx_kl": []}
         stop = False
         for _ in range(phase.ppo_epochs):
@@ -393,17 +422,23 @@ class PPOTrainer:
                 # split into micro-batches (their gradients add up before the one optimizer step)
                 tokens = r.mask[minibatch].sum().clamp(min=1) / self.world
                 share = minibatch.chunk(self.world)[self.rank]
-                micro = share.split(phase.micro_batch_size or len(share))
+                size = phase.micro_batch_size or len(share)
+                if size < len(share):  # micro-batches of similar lengths, each cut to its own longest row: the same
+                    # sum of gradients (the mini-batch is the same), less padding computed
+                    share = share[torch.argsort(lengths[share], stable=True)]
+                micro = share.split(size)
                 sums = torch.zeros(4, device=self.device)
                 for j, idx in enumerate(micro):
                     with self.engines.accumulating(last=j == len(micro) - 1):
-                        ids, attn, m = r.input_ids[idx], r.attention_mask[idx], r.mask[idx]
-                        logprobs, _ = token_logprobs(self.policy, ids, attn, r.prompt_len, phase.temperature, entropy=False)
-                        values = token_values(self.critic, ids, attn, r.prompt_len)
-                        pl = core.clipped_policy_loss(logprobs, r.logprobs[idx], advantages[idx], m, phase.cliprange,
-                                                      tokens)
-                        vl = core.clipped_value_loss(values, r.values[idx], returns[idx], m, phase.cliprange_value,
-                                                     tokens)
+                        ids, attn, prompt_len, width = trimmed(r.input_ids[idx], r.attention_mask[idx], r.prompt_len,
+                                                               r.mask[idx])
+                        m = r.mask[idx, :width]
+                        logprobs, _ = token_logprobs(self.policy, ids, attn, prompt_len, phase.temperature, entropy=False)
+                        values = token_values(self.critic, ids, attn, prompt_len)
+                        pl = core.clipped_policy_loss(logprobs, r.logprobs[idx, :width], advantages[idx, :width], m,
+                                                      phase.cliprange, tokens)
+                        vl = core.clipped_value_loss(values, r.values[idx, :width], returns[idx, :width], m,
+                                                     phase.cliprange_value, tokens)
                         self.engines.backward(pl.loss, phase.vf_coef * vl)
                     sums += torch.stack([pl.loss, vl, pl.clipfrac, pl.approx_kl]).detach()
                 if self._nonfinite(minibatch_index):  # its update is dropped, or the run stops

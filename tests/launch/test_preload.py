@@ -56,8 +56,28 @@ def test_no_server_where_forking_does_not_fit(compose, monkeypatch, tmp_path):
     cfg = compose(["pipeline=rlhf", f"output_root={tmp_path}"])
     assert OmegaConf.select(cfg, "pipeline.preload") is True
     off = compose(["pipeline=rlhf", "pipeline.preload=false", f"output_root={tmp_path}"])
-    assert _phase_server(off, tmp_path / "p", in_job=False) is None
+    assert _phase_server(off, tmp_path / "p", in_job=False, composed={}) is None
     gpu = compose(["pipeline=rlhf", "hardware=a100x1", f"output_root={tmp_path}"])
-    assert _phase_server(gpu, tmp_path / "p", in_job=False) is None  # CUDA must not be touched before a fork
+    assert _phase_server(gpu, tmp_path / "p", in_job=False, composed={}) is None  # CUDA must not be touched before a fork
     monkeypatch.setenv("RLHF_EXP_THREADS", "torch")  # torch's default threads are fixed at its import
-    assert _phase_server(cfg, tmp_path / "p", in_job=False) is None
+    assert _phase_server(cfg, tmp_path / "p", in_job=False, composed={}) is None
+
+
+def test_the_server_builds_the_embedded_task_once_for_the_phases(compose):
+    """The pipeline sends each phase's synthetic_key (through JSON, on the server's command line); warm_synthetic
+    builds the examples into the server's cache, so a phase forked from it finds them there instead of building them."""
+    import json
+
+    from rlhf_exp.data import loading
+
+    plain = OmegaConf.to_object(compose(["phase=ppo", "data.synthetic.num_pref_train=300"]))  # as a phase holds it
+    chat = compose(["phase=dpo", "data=synthetic_chat", "data.synthetic.num_pref_train=300"])  # as the pipeline does
+    key = loading.synthetic_key(chat.data)
+    assert key == loading.synthetic_key(plain.data)  # both forms: the same examples, one build
+    assert loading.synthetic_key(compose(["data=jsonl", "data.path=x"]).data) is None
+    loading._synthetic.cache_clear()
+    loading.warm_synthetic(json.loads(json.dumps([key])))
+    built = loading._synthetic.cache_info()
+    splits = loading.synthetic_splits(plain.data)
+    assert loading._synthetic.cache_info().hits == built.hits + 1 and loading._synthetic.cache_info().misses == 1
+    assert len(splits["pref_train"]) == 300

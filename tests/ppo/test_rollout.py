@@ -142,3 +142,45 @@ def test_top_p_is_refused_for_ppo_with_the_reason(compose):
     with pytest.raises(ConfigError, match=r"phase.top_p=0.9: PPO samples from the full distribution whose "
                                           r"log-probabilities its update uses"):
         validate(compose(["phase=ppo", "phase.top_p=0.9"]))
+
+
+@pytest.mark.parametrize("family", ["llama3_1", "qwen2_5"])
+def test_a_batch_cut_to_the_columns_it_needs_scores_its_answers_as_the_whole(scaled_model, family):
+    """PPO's forwards run on each micro-batch cut to its own columns (ppo.trainer.trimmed: shared left padding and
+    answer columns after every answer ended): the answers' log-probabilities and values are those of the whole
+    rollout's width, on prompts of different lengths whose answers end at different tokens."""
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer
+
+    from rlhf_exp.ppo.core import response_mask
+    from rlhf_exp.ppo.trainer import token_values, trimmed, widened
+
+    folder = scaled_model(family)
+    tok, model = AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder).eval()
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    prompts = [chat_prompt("3 1 4 1 5 9 2 6 ="), chat_prompt("9 ="), chat_prompt("2 7 1 8 =")]  # different lengths
+    ids, attn = pad([prompt_ids(tok, p) for p in prompts], pad_id, side="left")
+    assert len(set(attn.sum(1).tolist())) == 3
+    prompt_len = ids.shape[1]
+    # answers of ordinary tokens that end at different places: EOS at 3 and 6 in rows 0 and 1, row 2 runs to the end
+    answers = torch.randint(100, 1000, (3, 12), generator=torch.Generator().manual_seed(0))
+    answers[0, 2], answers[1, 5] = tok.eos_token_id, tok.eos_token_id
+    out = torch.cat([ids, answers], dim=1)
+    mask = response_mask(answers, tok.eos_token_id)
+    full = torch.cat([attn, mask.long()], dim=1)
+    critic = AutoModelForTokenClassification.from_pretrained(scaled_model(family), num_labels=1).eval()
+    for rows in (slice(0, 2), slice(0, 3), slice(1, 2)):
+        cut_ids, cut_attn, cut_prompt, width = trimmed(out[rows], full[rows], prompt_len, mask[rows])
+        assert width == int(mask[rows].sum(1).max()) and cut_ids.shape[1] <= out.shape[1]
+        m = mask[rows].bool()
+        with torch.no_grad():
+            whole, _ = token_logprobs(model, out[rows], full[rows], prompt_len, 1.0, entropy=False)
+            cut, _ = token_logprobs(model, cut_ids, cut_attn, cut_prompt, 1.0, entropy=False)
+            values = token_values(critic, out[rows], full[rows], prompt_len)
+            cut_values = token_values(critic, cut_ids, cut_attn, cut_prompt)
+        assert torch.allclose(widened(cut, whole.shape[1])[m], whole[m], atol=1e-5)
+        assert torch.allclose(widened(cut_values, whole.shape[1])[m], values[m], atol=1e-5)
+    # the shortest prompt's row alone loses its left padding, and the columns after its answer's EOS
+    _, _, alone_prompt, alone_width = trimmed(out[1:2], full[1:2], prompt_len, mask[1:2])
+    assert alone_prompt == int(attn[1].sum()) < prompt_len and alone_width == 6
+    _, _, both_prompt, both_width = trimmed(out[:2], full[:2], prompt_len, mask[:2])
+    assert both_prompt == prompt_len and both_width == 6  # row 0 has the longest prompt
