@@ -22,16 +22,29 @@ FAKE = Path(__file__).resolve().parents[1] / "fake_vllm"
 PROMPTS = [chat_prompt(p) for p in ("3 1 4 1 5 =", "9 9 9 9 9 =", "2 7 1 8 2 =", "1 2 3 =")]
 
 
+# what VLLMEngine sets for vLLM's external launcher in its own process; a test process must not keep them (a
+# launcher started later, torchrun or the CLI, would take itself for a worker of a one-process group)
+LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 @pytest.fixture
 def fake_vllm(monkeypatch):
+    import os
+
     monkeypatch.syspath_prepend(str(FAKE))
     monkeypatch.delitem(sys.modules, "vllm", raising=False)
+    saved = {key: os.environ.get(key) for key in LAUNCHER_ENV}
     import vllm
 
     assert vllm.__version__ == "0.0-fake"
     vllm.ENGINES.clear()
     yield vllm
     sys.modules.pop("vllm", None)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def test_a_static_cache_samples_what_the_dynamic_one_samples(scaled_model, compose):
