@@ -29,7 +29,20 @@ def main(argv: list[str]) -> int:
     except Exception as exc:  # recorded before torchrun stops the other workers (rank 0 may not get to it)
         mark_failed(run_dir, f"rank {rank()}: {type(exc).__name__}: {exc}"[:2000])
         raise
+    _leave_together()
     return 0
+
+
+def _leave_together() -> None:
+    """After a phase that ended normally on this process: wait for the others (rank 0 alone still writes the run's
+    files and measures gold), then take the process group down in order. A worker that exits while its peers still
+    hold their connections can abort in the collective library's teardown (seen once on 2 CPU processes: SIGABRT,
+    "terminate called without an active exception"), which torchrun reports as a failed run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
