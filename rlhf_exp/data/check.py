@@ -36,6 +36,7 @@ import json
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -86,6 +87,9 @@ class Section:
     rows: Iterator[RawRow]
     fmt: str = "auto"
     ready: bool = False  # rows already in prompt/chosen/rejected(/labels) form (the embedded task)
+    # what the rows are, as a string that changes when they do (a file's path, size and modification time; a
+    # datasets split's fingerprint); None when there is none (the embedded task): its report is never cached
+    identity: str | None = None
 
 
 # ------------------------------------------------------------------------------------------- reading
@@ -117,6 +121,11 @@ def _jsonl_rows(path: Path, limit: int | None) -> Iterator[RawRow]:
                 yield RawRow(ref, error=f"expected a JSON object, got {type(obj).__name__}")
                 continue
             yield RawRow(ref, obj)
+
+
+def _identity(path: Path) -> str:
+    stat = path.stat()
+    return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
 
 
 def _dataset_rows(ds, limit: int | None) -> Iterator[RawRow]:
@@ -151,18 +160,19 @@ def sections(data, limit: int | None = None) -> list[Section]:
         for split, key in (("train", "train_file"), ("eval", "eval_file")):
             value = _setting(data, key)
             if value is not None:
-                out.append(Section(split, f"data.{key}={value}", _jsonl_rows(Path(value).expanduser(), limit), fmt))
+                path = Path(value).expanduser()
+                out.append(Section(split, f"data.{key}={value}", _jsonl_rows(path, limit), fmt, identity=_identity(path)))
         return out
     # hub: a local JSON Lines file line by line; anything else through datasets, by row
     local = local_path(data.path)
     where = f"data.path={data.path}"
     if local is not None and local.is_file():
         if _file_builder(local) == "json" and ".jsonl" in local.name:
-            return [Section("train", where, _jsonl_rows(local, limit), fmt)]
+            return [Section("train", where, _jsonl_rows(local, limit), fmt, identity=_identity(local))]
         import datasets
 
         ds = datasets.load_dataset(_file_builder(local), data_files=str(local), split="train")
-        return [Section("train", where, _dataset_rows(ds, limit), fmt)]
+        return [Section("train", where, _dataset_rows(ds, limit), fmt, identity=getattr(ds, "_fingerprint", None))]
     import datasets
 
     out = []
@@ -185,7 +195,8 @@ def sections(data, limit: int | None = None) -> list[Section]:
             from rlhf_exp.config.errors import hub_unreachable
 
             raise hub_unreachable("data.path", data.path, exc) from exc
-        out.append(Section(split, f"{where} split={name}", _dataset_rows(ds, limit), fmt))
+        out.append(Section(split, f"{where} split={name}", _dataset_rows(ds, limit), fmt,
+                           identity=getattr(ds, "_fingerprint", None)))
     return out
 
 
@@ -380,12 +391,14 @@ def load_tokenizer_for(cfg, sft_checkpoint: str | None = None):
     return load_tokenizer(cfg.model, checkpoint=sft_checkpoint)
 
 
-def run_checks(cfg, tokenizer=None, limit: int | None = None) -> dict:
-    """The whole report of ``cfg``'s preference data: {"phase", "max_length", "splits": [...], "failed", "warned"}."""
+def run_checks(cfg, tokenizer=None, limit: int | None = None, read: list[Section] | None = None) -> dict:
+    """The whole report of ``cfg``'s preference data: {"phase", "max_length", "splits": [...], "failed", "warned"}.
+    ``read``: the splits' ``sections`` when already opened."""
     phase = str(cfg.phase.name) if str(cfg.phase.name) in PHASES else "rm"
     lengths = Lengths(tokenizer)
     max_length = int(cfg.phase.max_length) if tokenizer is not None else None
-    splits = [check_section(s, lengths, max_length, phase, cfg.data.columns) for s in sections(cfg.data, limit)]
+    read = sections(cfg.data, limit) if read is None else read
+    splits = [check_section(s, lengths, max_length, phase, cfg.data.columns) for s in read]
     return {"data": str(cfg.data.name), "phase": phase, "max_length": max_length, "length_unit": lengths.unit,
             "splits": splits, "failed": any(s["failed"] for s in splits), "warned": any(s["warned"] for s in splits)}
 
@@ -455,18 +468,114 @@ def summary(report: dict) -> dict[str, dict]:
     return out
 
 
+# ------------------------------------------------------------------------------------------- reusing
+
+# the modules a report's content depends on: a change to any of them makes earlier reports stale
+REPORT_CODE = ("check.py", "encode.py", "sources.py", "agreement.py")
+
+
+@lru_cache(maxsize=1)
+def _code_digest() -> str:
+    here = Path(__file__).parent
+    digest = hashlib.sha256()
+    for name in REPORT_CODE:
+        digest.update((here / name).read_bytes())
+    return digest.hexdigest()
+
+
+def tokenizer_digest(tokenizer) -> str | None:
+    """What the lengths depend on in a tokenizer: its vocabulary, merges, normalisation and special-token
+    processing (the backend's whole spec, as its tokenizer.json holds it: ~0.1 s of CPU for a 128k vocabulary), its
+    chat template and its BOS/EOS; "characters" without one; None when it has no backend spec (never cached)."""
+    if tokenizer is None:
+        return "characters"
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    digest = hashlib.sha256(backend.to_str().encode())
+    digest.update(json.dumps([type(tokenizer).__name__, tokenizer.chat_template, tokenizer.bos_token,
+                              tokenizer.eos_token, tokenizer.eos_token_id], default=str).encode())
+    return digest.hexdigest()
+
+
+def _plain(section) -> Any:
+    from dataclasses import asdict, is_dataclass
+
+    from omegaconf import OmegaConf
+
+    return asdict(section) if is_dataclass(section) else OmegaConf.to_container(section, resolve=True)
+
+
+def report_key(cfg, tokenizer, read: list[Section], limit: int | None = None) -> str | None:
+    """The key of a report: the rows (each split's identity), the data settings, the phase and its max_length, the
+    tokenizer and the checking code; None when one of them has no identity (never cached)."""
+    identities = [s.identity for s in read]
+    tok = tokenizer_digest(tokenizer)
+    if tok is None or not identities or None in identities:
+        return None
+    parts = [_code_digest(), tok, identities, _plain(cfg.data), str(cfg.phase.name), int(cfg.phase.max_length), limit]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def reports_folder() -> Path:
+    """Where reports are kept: beside the tokenised data sets TRL's trainers leave in datasets' cache (one setting
+    moves both: HF_DATASETS_CACHE, or HF_HOME)."""
+    import datasets
+
+    return Path(datasets.config.HF_DATASETS_CACHE) / "rlhf_exp_data_check"
+
+
+def reused_checks(cfg, tokenizer) -> tuple[dict, bool]:
+    """(``run_checks(cfg, tokenizer)``, whether it was read back): the report of an earlier run on the same rows,
+    settings and tokenizer when one was kept, else the checks run and their report kept. A run on a large set reads
+    and tokenises every row (HH-RLHF's 160k pairs: ~1-2 min of CPU), so each sweep job and rerun would repeat it; a
+    report that cannot be read back or kept is recomputed, never trusted half-written."""
+    import logging
+    import os
+    import tempfile
+
+    read = sections(cfg.data)
+    key = report_key(cfg, tokenizer, read)
+    path = reports_folder() / f"{key}.json" if key else None
+    if path is not None and path.is_file():
+        try:
+            report = json.loads(path.read_text())
+            if isinstance(report, dict) and report.get("key") == key:
+                return report["report"], True
+        except (OSError, ValueError):
+            pass  # unreadable: checked again below, and kept again
+    report = run_checks(cfg, tokenizer, read=read)
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".partial")
+            with os.fdopen(fd, "w") as f:
+                json.dump({"key": key, "report": report}, f)
+            os.replace(tmp, path)  # whole or not at all: concurrent sweep jobs each write a complete file
+        except OSError as exc:
+            logging.getLogger(__name__).info("data check report not kept in %s: %s", path.parent, exc)
+    return report, False
+
+
 def report_run(cfg, run, tokenizer) -> None:
-    """RM/DPO runners: the same checks into the run's summary (``data.<split>.check``) and one warning line.
-    Never stops a run: a check that cannot run is said and skipped."""
+    """RM/DPO runners: the same checks into the run's summary (``data.<split>.check``) and one warning line; the
+    report of an identical earlier check is reused (``reused_checks``). Never stops a run: a check that cannot run
+    is said and skipped."""
     import sys
 
     if not run.main:
         return
     try:
-        report = run_checks(cfg, tokenizer)
+        with run.stage("data_check"):
+            report, reused = reused_checks(cfg, tokenizer)
     except Exception as exc:  # noqa: BLE001  (the loader already accepted the data; the check only reports)
         print(f"rlhf_exp: warning: data check skipped ({type(exc).__name__}: {str(exc)[:200]})", file=sys.stderr)
         return
+    if reused:
+        import logging
+
+        logging.getLogger(__name__).info("data check: the report of an identical earlier check, from %s",
+                                         reports_folder())
     for split, entry in summary(report).items():
         run.record_data(split, check=entry)
         problems = [f"{entry[k]} {k}" for k in (*ERRORS, *WARNINGS[:4]) if entry.get(k)]

@@ -100,6 +100,47 @@ def preference_data(data: DataConfig, counts: dict | None = None) -> PhaseData:
     return PhaseData(train, evaluation)
 
 
+def on_disk(dataset: "datasets.Dataset | None") -> "datasets.Dataset | None":  # noqa: F821
+    """``dataset`` backed by a file in datasets' cache, so that what is computed from it there (TRL's trainers
+    tokenise their data with ``Dataset.map``) is kept beside it and read back by the next run on the same rows: a
+    sweep job, a rerun, a phase of another pipeline on the same data. A set read through ``datasets.load_dataset``
+    (data.source=hub, local hub-layout files) is backed by its files already; one built in memory (the embedded
+    task, data.source=jsonl) is written once, under the digest of its content (Arrow's own bytes, features
+    included), so equal rows always find the same file and different rows never do. Returned as it is when
+    datasets' caching is off or the cache cannot be written."""
+    import hashlib
+    import os
+    import tempfile
+    from pathlib import Path
+
+    import datasets
+
+    if dataset is None or dataset.cache_files or not datasets.is_caching_enabled():
+        return dataset
+    import pyarrow as pa
+
+    flat = dataset.flatten_indices() if dataset._indices is not None else dataset
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, flat.data.table.schema) as writer:  # datasets' own file format: an Arrow stream
+        writer.write_table(flat.data.table)
+    content = sink.getvalue()
+    folder = Path(datasets.config.HF_DATASETS_CACHE) / "rlhf_exp_data" / hashlib.sha256(content).hexdigest()[:40]
+    path = folder / "data.arrow"
+    try:
+        if not path.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".data.", suffix=".partial")
+            with os.fdopen(fd, "wb") as f:
+                f.write(content)
+            os.replace(tmp, path)  # whole or not at all: processes writing the same rows at once each write all
+        return datasets.Dataset.from_file(str(path), info=flat.info, split=flat.split)
+    except OSError as exc:
+        import logging
+
+        logging.getLogger(__name__).info("data kept in memory (not written to %s: %s)", folder, exc)
+        return dataset
+
+
 def held_out_prompts(data: PhaseData) -> list:
     """Held-out prompts of a phase's data: the embedded task's gold prompts, else the eval split's prompts (each
     once, in order); empty when there is neither."""

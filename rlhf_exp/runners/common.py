@@ -108,12 +108,14 @@ def after_loading(run: Run, **models) -> None:
 def phase_data(cfg: RunConfig, tokenizer, preferences: bool, run: Run | None = None) -> PhaseData:
     """The phase's data (demonstrations, or preference pairs), checked against the tokenizer: chat
     messages need a chat template. What the loader read and dropped goes into the run's summary."""
-    from rlhf_exp.data.loading import preference_data, sft_data
+    from rlhf_exp.data.loading import on_disk, preference_data, sft_data
     from rlhf_exp.models import check_chat_template
 
     counts: dict = {}
     with run.stage("data") if run is not None else contextlib.nullcontext():
         data = preference_data(cfg.data, counts) if preferences else sft_data(cfg.data, counts)
+        if str(cfg.phase.name) != "ppo":  # TRL's trainers tokenise with Dataset.map: kept for the next run
+            data.train, data.eval = on_disk(data.train), on_disk(data.eval)
     check_chat_template(tokenizer, cfg.model, data.train)
     if run is not None:
         for split, split_counts in counts.items():

@@ -256,3 +256,122 @@ def test_chat_rows_are_measured_in_the_templates_tokens(scaled_model, compose, t
     assert lengths["chosen"]["max"] == expected[1][1] and lengths["rejected"]["min"] == min(e[2] for e in expected)
     over = split["warnings"]["over_max_length"]
     assert over["count"] == 1 and over["rows"][0].startswith(f"line 2: {expected[1][0]} + {expected[1][1]} tokens"), over
+
+
+# ------------------------------------------------------------------------------------- reused reports
+
+
+@pytest.fixture
+def kept(monkeypatch, tmp_path):
+    """Reports kept under a folder of this test's own (datasets' cache setting, which decides where), and a count of
+    the splits actually checked."""
+    import datasets
+
+    from rlhf_exp.data import check
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
+    checked = []
+    real = check.check_section
+
+    def counting(section, *args, **kwargs):
+        checked.append(section.where)
+        return real(section, *args, **kwargs)
+
+    monkeypatch.setattr(check, "check_section", counting)
+    return checked
+
+
+def test_a_report_is_reused_until_the_rows_the_settings_the_tokenizer_or_the_code_change(
+        scaled_model, compose, tmp_path, kept, monkeypatch):
+    """A sweep job or a rerun on the same pairs reads the earlier report back instead of tokenising every row again
+    (the same report, as the run's summary records it); any change to what the report depends on checks again."""
+    import copy
+
+    from transformers import AutoTokenizer
+
+    from rlhf_exp.data import check
+
+    tok = AutoTokenizer.from_pretrained(scaled_model("llama3_1"))
+
+    def pair(i, chosen="yes", rejected="no"):
+        return {"prompt": [{"role": "user", "content": f"question {i}"}],
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}]}
+
+    rows = [pair(i) for i in range(30)] + [pair(3)]
+    path = write_rows(tmp_path / "pairs.jsonl", rows)
+    args = ["data=jsonl", f"data.train_file={path}", "phase=dpo"]
+    cfg = typed(compose, [*args, "phase.max_length=64"])
+
+    first, reused = check.reused_checks(cfg, tok)
+    assert not reused and len(kept) == 1
+    assert first["splits"][0]["warnings"]["duplicate_pairs"]["count"] == 1
+    again, reused = check.reused_checks(cfg, tok)
+    assert reused and len(kept) == 1, "the same rows, settings and tokenizer were checked again"
+    assert again == json.loads(json.dumps(first)) and summary(again) == summary(first)
+    (kept_file,) = (tmp_path / "hf_datasets" / "rlhf_exp_data_check").glob("*.json")
+
+    # another max_length, another chat template, another checking code: checked again, each once
+    shorter = typed(compose, [*args, "phase.max_length=12"])
+    report, reused = check.reused_checks(shorter, tok)
+    assert not reused and len(kept) == 2 and report["splits"][0]["warnings"]["over_max_length"]["count"] == 31
+    assert check.reused_checks(shorter, tok)[1] and len(kept) == 2
+    other_template = copy.deepcopy(tok)
+    other_template.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert not check.reused_checks(cfg, other_template)[1] and len(kept) == 3
+    with monkeypatch.context() as m:
+        m.setattr(check, "_code_digest", lambda: "another version of the checks")
+        assert not check.reused_checks(cfg, tok)[1] and len(kept) == 4
+
+    # the file changed (a pair with no preference appended): checked again, and the new report says so
+    write_rows(path, [*rows, pair(99, "same", "same")])
+    report, reused = check.reused_checks(cfg, tok)
+    assert not reused and len(kept) == 5
+    assert report["splits"][0]["rows"] == 32 and report["splits"][0]["errors"]["identical"]["count"] == 1
+
+    # a kept file that cannot be read back (written by hand, a full disk) is checked again and replaced
+    current = check.reports_folder() / f"{check.report_key(cfg, tok, check.sections(cfg.data))}.json"
+    assert current.is_file() and current != kept_file
+    current.write_text('{"key": ')
+    assert not check.reused_checks(cfg, tok)[1] and len(kept) == 6
+    report, reused = check.reused_checks(cfg, tok)
+    assert reused and report["splits"][0]["errors"]["identical"]["count"] == 1 and len(kept) == 6
+
+
+def test_a_report_that_cannot_be_kept_is_still_given(compose, tmp_path, kept, monkeypatch):
+    """No writable cache (a read-only home on a cluster): every run checks, none fails for it. The embedded task's
+    splits have no identity to key a report by: always checked."""
+    import datasets
+
+    from rlhf_exp.data import check
+    from rlhf_exp.models import build_tiny_tokenizer
+
+    blocked = tmp_path / "not_a_folder"
+    blocked.write_text("")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(blocked))
+    path = write_rows(tmp_path / "pairs.jsonl", ROWS)
+    cfg = typed(compose, ["data=jsonl", f"data.train_file={path}", "phase=rm", "phase.max_length=16"])
+    for _ in range(2):
+        report, reused = check.reused_checks(cfg, WordTokenizer())  # no backend spec: never kept
+        assert not reused and report["failed"]
+    for _ in range(2):
+        report, reused = check.reused_checks(cfg, None)  # characters: kept, but the folder cannot be made
+        assert not reused and report["length_unit"] == "characters"
+    synthetic = typed(compose, ["phase=rm"])
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
+    for _ in range(2):
+        assert not check.reused_checks(synthetic, build_tiny_tokenizer())[1]
+    assert len(kept) == 4 + 4 and not (tmp_path / "hf_datasets").exists()
+
+
+def test_runs_time_their_data_check(compose, tmp_path):
+    from rlhf_exp.data.check import report_run
+    from rlhf_exp.models import build_tiny_tokenizer
+    from rlhf_exp.tracking.run import Run
+
+    cfg = compose(["phase=dpo"])
+    with Run(tmp_path / "run", cfg) as run:
+        report_run(OmegaConf.to_object(cfg), run, build_tiny_tokenizer())
+        run.finish({}, None)
+    timings = json.loads((tmp_path / "run" / "summary.json").read_text())["timings"]
+    assert timings["data_check"]["cpu_s"] > 0 and timings["other"]["cpu_s"] >= 0

@@ -669,3 +669,49 @@ def test_check_data_files_refuses_missing_local_copies(tmp_path, monkeypatch):
         check_data_files(data_cfg("data=hh_rlhf", f"data.path={hh / 'README.md'}"))
     with pytest.raises(ConfigError, match=r"no such file or folder"):  # loading checks too
         load_preferences(data_cfg("data=hh_rlhf", f"data.path={tmp_path / 'gone.jsonl'}"), seed=0)
+
+
+# ----------------------------------------------------------------------- kept on disk
+
+
+def test_in_memory_sets_are_kept_on_disk_under_their_content(monkeypatch, tmp_path):
+    """on_disk: the same rows, built again (another run, a sweep job), land on the same file, so that what a trainer
+    maps from them is read back instead of computed again; other rows never do. Sets read from files already, a
+    cache that cannot be written and datasets' caching switched off leave the set as it was."""
+    from rlhf_exp.data.loading import on_disk
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    rows = [{"prompt": [{"role": "user", "content": f"q{i}"}], "completion": [{"role": "assistant", "content": "a"}]}
+            for i in range(50)]
+    built = datasets.Dataset.from_list(rows)
+    kept = on_disk(built)
+    assert kept.cache_files and kept.to_list() == rows and kept.features == built.features
+    (file,) = [Path(f["filename"]) for f in kept.cache_files]
+    assert file.is_relative_to(tmp_path / "cache")
+    assert [Path(f["filename"]) for f in on_disk(datasets.Dataset.from_list(rows)).cache_files] == [file]
+    assert Path(on_disk(datasets.Dataset.from_list(rows[:-1])).cache_files[0]["filename"]) != file
+    # a view (a held-out split, a cap) is kept as the rows it shows
+    train, held = built.train_test_split(test_size=10, seed=0).values()
+    assert on_disk(train).to_list() == train.to_list() and on_disk(held).to_list() == held.to_list()
+    assert on_disk(kept) is kept and on_disk(None) is None
+
+    calls = str(tmp_path / "calls")  # counted in a file: state the function holds would change its fingerprint
+
+    def tokenise(row):
+        with open(calls, "a") as f:
+            f.write(".")
+        return {"n": len(row["prompt"][0]["content"])}
+
+    first = on_disk(datasets.Dataset.from_list(rows)).map(tokenise)
+    again = on_disk(datasets.Dataset.from_list(rows)).map(tokenise)
+    assert Path(calls).read_text() == "." * 50, "the second map was computed again, not read back"
+    assert again["n"] == first["n"] and again.cache_files[0]["filename"] == first.cache_files[0]["filename"]
+    assert datasets.Dataset.from_list(rows).map(tokenise)["n"] == first["n"] and len(Path(calls).read_text()) == 100
+
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(blocked))
+    assert on_disk(built) is built
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(datasets, "is_caching_enabled", lambda: False)
+    assert on_disk(built) is built

@@ -150,10 +150,15 @@ def test_wandb_logger_runs_offline_without_a_key(tmp_path):
     assert read_json(run_dir / "manifest.json")["status"] == "succeeded"
 
 
-def test_dpo_sweep_jobs_share_one_parent_and_get_their_own_folders(sft_run):
+def test_dpo_sweep_jobs_share_one_parent_and_get_their_own_folders(sft_run, tmp_path):
+    """... and one tokenisation: the second job reads back the data set TRL tokenised for the first
+    (rlhf_exp.data.loading.on_disk; an empty datasets cache here)."""
     root = sft_run.parent.parent
-    proc = run_cli(["-m", "phase=dpo", "phase.beta=0.05,0.2", "phase.max_steps=3", f"output_root={root}"])
+    proc = run_cli(["-m", "phase=dpo", "phase.beta=0.05,0.2", "phase.max_steps=3", f"output_root={root}"],
+                   env={"HF_DATASETS_CACHE": str(tmp_path / "hf_datasets")})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    for split in ("train", "eval"):
+        assert proc.stderr.count(f"Tokenizing {split} dataset: 100%") == 1, proc.stderr[-3000:]
     assert proc.stderr.count("phase.sft_run not given: using") == 1, "resolved once, before jobs launch"
     manifests = [read_json(p) for p in sorted(root.glob("sweeps/*/*/manifest.json"))]
     assert len(manifests) == 2 and len({m["run_id"] for m in manifests}) == 2
