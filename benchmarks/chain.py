@@ -44,7 +44,8 @@ def ours(text: str, tmp: Path) -> dict:
     loop, less its evaluations), evaluations (the trainer's evaluations during and after training, DPO's held-out
     evaluations, the RM's held-out score statistics), gold (gold evaluations before and after), save (the final
     model), models (loading them), setup (building the trainer: TRL's tokenisation of the data, wrapping; PPO's
-    backend and rollout engine), other (the tokenizer, data checks, files)."""
+    backend and rollout engine), other (the tokenizer, data previews, files); data includes the RM/DPO data checks
+    (data_check)."""
     (summary,) = Path(tmp).rglob("pipeline_summary.json")
     phases = json.loads(summary.read_text())["phases"]
     rows = {r["phase"]: r.get("metrics", {}) for r in phases}

@@ -15,6 +15,27 @@ from tests.scaled_fixtures import scaled_model  # noqa: F401  (scaled-down Llama
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
+_HF_DATASETS_CACHE: list[str] = []
+
+
+def pytest_configure(config):
+    """A datasets cache of this session's own (for the CLIs it starts too): what runs keep there (tokenised data sets,
+    data check reports: rlhf_exp.data.loading.on_disk, rlhf_exp.data.check.reused_checks) is shared by the session's
+    tests, never read back from a developer's earlier sessions, and removed at the end."""
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="rlhf_tests_hf_datasets_")
+    _HF_DATASETS_CACHE.append(folder)
+    os.environ["HF_DATASETS_CACHE"] = folder
+    if "datasets.config" in sys.modules:  # imported already: its setting was read at import
+        sys.modules["datasets.config"].HF_DATASETS_CACHE = Path(folder)
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    for folder in _HF_DATASETS_CACHE:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

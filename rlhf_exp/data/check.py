@@ -124,8 +124,9 @@ def _jsonl_rows(path: Path, limit: int | None) -> Iterator[RawRow]:
 
 
 def _identity(path: Path) -> str:
+    """A file's path, size, inode and times: any write changes its status-change time, which no copy can set."""
     stat = path.stat()
-    return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    return f"{path.resolve()}|{stat.st_size}|{stat.st_ino}|{stat.st_mtime_ns}|{stat.st_ctime_ns}"
 
 
 def _dataset_rows(ds, limit: int | None) -> Iterator[RawRow]:
@@ -494,7 +495,8 @@ def tokenizer_digest(tokenizer) -> str | None:
         return None
     digest = hashlib.sha256(backend.to_str().encode())
     digest.update(json.dumps([type(tokenizer).__name__, tokenizer.chat_template, tokenizer.bos_token,
-                              tokenizer.eos_token, tokenizer.eos_token_id], default=str).encode())
+                              tokenizer.eos_token, tokenizer.eos_token_id, tokenizer.pad_token, tokenizer.unk_token,
+                              getattr(tokenizer, "split_special_tokens", None)], default=str).encode())
     return digest.hexdigest()
 
 
@@ -513,7 +515,10 @@ def report_key(cfg, tokenizer, read: list[Section], limit: int | None = None) ->
     tok = tokenizer_digest(tokenizer)
     if tok is None or not identities or None in identities:
         return None
-    parts = [_code_digest(), tok, identities, _plain(cfg.data), str(cfg.phase.name), int(cfg.phase.max_length), limit]
+    from rlhf_exp.data.loading import library_versions
+
+    parts = [_code_digest(), library_versions(), tok, identities, _plain(cfg.data), str(cfg.phase.name),
+             int(cfg.phase.max_length), limit]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -531,29 +536,29 @@ def reused_checks(cfg, tokenizer) -> tuple[dict, bool]:
     and tokenises every row (HH-RLHF's 160k pairs: ~1-2 min of CPU), so each sweep job and rerun would repeat it; a
     report that cannot be read back or kept is recomputed, never trusted half-written."""
     import logging
-    import os
-    import tempfile
 
+    from rlhf_exp.tracking.run import write_bytes_atomic
+
+    log = logging.getLogger(__name__)
     read = sections(cfg.data)
-    key = report_key(cfg, tokenizer, read)
-    path = reports_folder() / f"{key}.json" if key else None
-    if path is not None and path.is_file():
-        try:
+    key = path = None
+    try:
+        key = report_key(cfg, tokenizer, read)
+        path = reports_folder() / f"{key}.json" if key else None
+        if path is not None and path.is_file():
             report = json.loads(path.read_text())
             if isinstance(report, dict) and report.get("key") == key:
                 return report["report"], True
-        except (OSError, ValueError):
-            pass  # unreadable: checked again below, and kept again
+    except Exception as exc:  # noqa: BLE001  (unreadable: permissions, half a file; a key that cannot be made)
+        log.info("data check report not read back: %s: %s", type(exc).__name__, exc)
     report = run_checks(cfg, tokenizer, read=read)
     if path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".partial")
-            with os.fdopen(fd, "w") as f:
-                json.dump({"key": key, "report": report}, f)
-            os.replace(tmp, path)  # whole or not at all: concurrent sweep jobs each write a complete file
+            # whole or not at all: concurrent sweep jobs each write a complete file
+            write_bytes_atomic(path, json.dumps({"key": key, "report": report}).encode())
         except OSError as exc:
-            logging.getLogger(__name__).info("data check report not kept in %s: %s", path.parent, exc)
+            log.info("data check report not kept in %s: %s", path.parent, exc)
     return report, False
 
 

@@ -100,17 +100,31 @@ def preference_data(data: DataConfig, counts: dict | None = None) -> PhaseData:
     return PhaseData(train, evaluation)
 
 
+def library_versions() -> str:
+    """The versions of what turns rows into token ids (datasets' cache keys a map by the function's name, not its
+    code: after an upgrade, kept results must not be read back)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for name in ("datasets", "pyarrow", "trl", "transformers", "tokenizers", "jinja2"):
+        try:
+            out.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            out.append(f"{name} absent")
+    return ";".join(out)
+
+
 def on_disk(dataset: "datasets.Dataset | None") -> "datasets.Dataset | None":  # noqa: F821
     """``dataset`` backed by a file in datasets' cache, so that what is computed from it there (TRL's trainers
     tokenise their data with ``Dataset.map``) is kept beside it and read back by the next run on the same rows: a
     sweep job, a rerun, a phase of another pipeline on the same data. A set read through ``datasets.load_dataset``
     (data.source=hub, local hub-layout files) is backed by its files already; one built in memory (the embedded
-    task, data.source=jsonl) is written once, under the digest of its content (Arrow's own bytes, features
-    included), so equal rows always find the same file and different rows never do. Returned as it is when
-    datasets' caching is off or the cache cannot be written."""
+    task, data.source=jsonl) is written once, in a folder named by the digest of its rows (Arrow's own bytes,
+    column types included) and of the library versions (``library_versions``), so equal rows under the same
+    libraries always find the same file and nothing else does. Returned as it is when datasets' caching is off,
+    or the cache cannot be written or read."""
     import hashlib
-    import os
-    import tempfile
+    import logging
     from pathlib import Path
 
     import datasets
@@ -119,25 +133,26 @@ def on_disk(dataset: "datasets.Dataset | None") -> "datasets.Dataset | None":  #
         return dataset
     import pyarrow as pa
 
-    flat = dataset.flatten_indices() if dataset._indices is not None else dataset
+    from rlhf_exp.tracking.run import write_bytes_atomic
+
+    # the rows the set shows (a held-out split or a cap is a view), without datasets' metadata (its fingerprint)
+    table = dataset.with_format("arrow")[:].replace_schema_metadata(None).combine_chunks()
     sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, flat.data.table.schema) as writer:  # datasets' own file format: an Arrow stream
-        writer.write_table(flat.data.table)
+    with pa.ipc.new_stream(sink, table.schema) as writer:  # datasets' own file format: an Arrow stream
+        writer.write_table(table)
     content = sink.getvalue()
-    folder = Path(datasets.config.HF_DATASETS_CACHE) / "rlhf_exp_data" / hashlib.sha256(content).hexdigest()[:40]
+    digest = hashlib.sha256(content)
+    digest.update(library_versions().encode())
+    folder = Path(datasets.config.HF_DATASETS_CACHE) / "rlhf_exp_data" / digest.hexdigest()[:40]
     path = folder / "data.arrow"
     try:
-        if not path.is_file():
+        damaged = path.is_file() and path.stat().st_size != content.size  # cut short (written by hand, a bad disk)
+        if damaged or not path.is_file():
             folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".data.", suffix=".partial")
-            with os.fdopen(fd, "wb") as f:
-                f.write(content)
-            os.replace(tmp, path)  # whole or not at all: processes writing the same rows at once each write all
-        return datasets.Dataset.from_file(str(path), info=flat.info, split=flat.split)
-    except OSError as exc:
-        import logging
-
-        logging.getLogger(__name__).info("data kept in memory (not written to %s: %s)", folder, exc)
+            write_bytes_atomic(path, content, keep_existing=not damaged)
+        return datasets.Dataset.from_file(str(path), info=dataset.info.copy(), split=dataset.split)
+    except (OSError, pa.ArrowException, ValueError) as exc:
+        logging.getLogger(__name__).warning("data kept in memory, not in %s (%s: %s)", folder, type(exc).__name__, exc)
         return dataset
 
 

@@ -54,6 +54,13 @@ def write_text_atomic(path: Path, text: str) -> None:
     """``path`` holds either its old content or all of ``text``, never a part: written to a temporary file beside
     it, flushed to disk, then renamed over it. A failed write (a full disk) removes the temporary file and leaves
     ``path`` as it was."""
+    write_bytes_atomic(path, text.encode())
+
+
+def write_bytes_atomic(path: Path, data: bytes, keep_existing: bool = False) -> None:
+    """``write_text_atomic`` for bytes. ``keep_existing``: a file already at ``path`` stays as it is (a cache file
+    named by its content: the first complete writer wins, and a reader that has it memory-mapped never sees it
+    replaced); ``path`` is made with a hard link, or, where the file system has none, a rename when still absent."""
     import tempfile
 
     path = Path(path)
@@ -62,15 +69,23 @@ def write_text_atomic(path: Path, text: str) -> None:
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(name)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
+        if not keep_existing:
+            os.replace(tmp, path)
+            return
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        except OSError:  # no hard links here (some network and FUSE file systems)
+            if not path.exists():
+                os.replace(tmp, path)
+    finally:
         tmp.unlink(missing_ok=True)
-        raise
 
 
 class MetricsFile:
@@ -326,7 +341,7 @@ class Run:
         """Times a stage of the run (``imports``, ``data``, ``models``, ``setup``, ``gold_initial``, ``train``, ``evaluate``,
         ``gold_final``, ``save``, ``reward_stats``): wall and CPU seconds of this process (every thread), added up per name
         into summary.json's ``timings``, beside ``before_run`` (CPU before the run folder opened: config, checks,
-        lineage), ``other`` (the run's time in no stage: the data checks, the tokenizer, writing files) and ``total`` (the run,
+        lineage), ``other`` (the run's time in no stage: the tokenizer, data previews, writing files) and ``total`` (the run,
         from its folder opening to its summary). A name with a slash is a part of a stage (``train/evaluate``: the trainer's
         evaluations during training), left out of ``other``'s sum."""
         wall, cpu = time.perf_counter(), _process_cpu()

@@ -322,7 +322,15 @@ def test_a_report_is_reused_until_the_rows_the_settings_the_tokenizer_or_the_cod
     with monkeypatch.context() as m:
         m.setattr(check, "_code_digest", lambda: "another version of the checks")
         assert not check.reused_checks(cfg, tok)[1] and len(kept) == 4
+    with monkeypatch.context() as m:
+        m.setattr(check, "report_key", lambda *a: 1 / 0)  # no key can be made: checked, never kept or failing
+        assert not check.reused_checks(cfg, tok)[1] and len(kept) == 5
+    kept.pop()
 
+    # another data setting (the format named instead of detected): checked again
+    assert not check.reused_checks(typed(compose, [*args, "phase.max_length=64", "data.format=preference"]),
+                                   tok)[1]
+    kept.pop()
     # the file changed (a pair with no preference appended): checked again, and the new report says so
     write_rows(path, [*rows, pair(99, "same", "same")])
     report, reused = check.reused_checks(cfg, tok)

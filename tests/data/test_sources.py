@@ -690,10 +690,17 @@ def test_in_memory_sets_are_kept_on_disk_under_their_content(monkeypatch, tmp_pa
     assert file.is_relative_to(tmp_path / "cache")
     assert [Path(f["filename"]) for f in on_disk(datasets.Dataset.from_list(rows)).cache_files] == [file]
     assert Path(on_disk(datasets.Dataset.from_list(rows[:-1])).cache_files[0]["filename"]) != file
-    # a view (a held-out split, a cap) is kept as the rows it shows
+    # a view (a held-out split, a cap) is kept as the rows it shows: the same file as those rows built directly
     train, held = built.train_test_split(test_size=10, seed=0).values()
     assert on_disk(train).to_list() == train.to_list() and on_disk(held).to_list() == held.to_list()
+    assert on_disk(held).cache_files == on_disk(datasets.Dataset.from_list(held.to_list())).cache_files
     assert on_disk(kept) is kept and on_disk(None) is None
+    # a file already there is kept as it is (a reader may have it mapped); one cut short is written again
+    inode = file.stat().st_ino
+    assert on_disk(datasets.Dataset.from_list(rows)).to_list() == rows and file.stat().st_ino == inode
+    file.write_bytes(file.read_bytes()[:100])
+    assert on_disk(datasets.Dataset.from_list(rows)).to_list() == rows
+    assert not list(file.parent.glob(".*.tmp")), "temporary files left behind"
 
     calls = str(tmp_path / "calls")  # counted in a file: state the function holds would change its fingerprint
 
