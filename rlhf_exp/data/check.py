@@ -87,8 +87,8 @@ class Section:
     rows: Iterator[RawRow]
     fmt: str = "auto"
     ready: bool = False  # rows already in prompt/chosen/rejected(/labels) form (the embedded task)
-    # what the rows are, as a string that changes when they do (a file's path, size and modification time; a
-    # datasets split's fingerprint); None when there is none (the embedded task): its report is never cached
+    # what the rows are, as a string that changes when they do (a file's path, size, inode and times; a datasets
+    # split's fingerprint; the embedded task's pairs' digest); None: no report of these rows is ever kept
     identity: str | None = None
 
 
@@ -123,6 +123,12 @@ def _jsonl_rows(path: Path, limit: int | None) -> Iterator[RawRow]:
             yield RawRow(ref, obj)
 
 
+def _pairs_digest(pairs) -> str:
+    """The embedded task's pairs (built in memory) by their content: what the checks read of them."""
+    rows = [[p.prompt, p.chosen, p.rejected, list(p.labels) if p.labels else None] for p in pairs]
+    return "pairs " + hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode()).hexdigest()
+
+
 def _identity(path: Path) -> str:
     """A file's path, size, inode and times: any write changes its status-change time, which no copy can set."""
     stat = path.stat()
@@ -152,9 +158,9 @@ def sections(data, limit: int | None = None) -> list[Section]:
 
         splits = synthetic_splits(data)
         return [Section("train", "the embedded task's training pairs", _synthetic_rows(splits["pref_train"], limit),
-                        ready=True),
+                        ready=True, identity=_pairs_digest(splits["pref_train"])),
                 Section("eval", "the embedded task's eval pairs", _synthetic_rows(splits["pref_eval"], limit),
-                        ready=True)]
+                        ready=True, identity=_pairs_digest(splits["pref_eval"]))]
     check_data_files(data)
     if data.source == "jsonl":
         out = []

@@ -347,12 +347,10 @@ def test_a_report_is_reused_until_the_rows_the_settings_the_tokenizer_or_the_cod
 
 
 def test_a_report_that_cannot_be_kept_is_still_given(compose, tmp_path, kept, monkeypatch):
-    """No writable cache (a read-only home on a cluster): every run checks, none fails for it. The embedded task's
-    splits have no identity to key a report by: always checked."""
+    """No writable cache (a read-only home on a cluster): every run checks, none fails for it."""
     import datasets
 
     from rlhf_exp.data import check
-    from rlhf_exp.models import build_tiny_tokenizer
 
     blocked = tmp_path / "not_a_folder"
     blocked.write_text("")
@@ -365,11 +363,22 @@ def test_a_report_that_cannot_be_kept_is_still_given(compose, tmp_path, kept, mo
     for _ in range(2):
         report, reused = check.reused_checks(cfg, None)  # characters: kept, but the folder cannot be made
         assert not reused and report["length_unit"] == "characters"
+    assert len(kept) == 4
+
+
+def test_the_embedded_tasks_report_is_kept_under_its_pairs(compose, kept):
+    """The embedded task is built in memory: its report is keyed by the pairs themselves, so another data.seed (other
+    pairs) is checked again, and the same settings read it back."""
+    from rlhf_exp.data import check
+    from rlhf_exp.models import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
     synthetic = typed(compose, ["phase=rm"])
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
-    for _ in range(2):
-        assert not check.reused_checks(synthetic, build_tiny_tokenizer())[1]
-    assert len(kept) == 4 + 4 and not (tmp_path / "hf_datasets").exists()
+    first, reused = check.reused_checks(synthetic, tok)
+    assert not reused and len(kept) == 2
+    again, reused = check.reused_checks(synthetic, tok)
+    assert reused and len(kept) == 2 and summary(again) == summary(first)
+    assert not check.reused_checks(typed(compose, ["phase=rm", "data.seed=1"]), tok)[1] and len(kept) == 4
 
 
 def test_runs_time_their_data_check(compose, tmp_path):
