@@ -27,17 +27,22 @@ def _synthetic(syn_key: tuple, seed: int) -> dict:
     return build_task_data(SimpleNamespace(**dict(syn_key)), seed)
 
 
+def plain_settings(section) -> dict:
+    """A config section (the dataclass, or a composed DictConfig) as plain values."""
+    from dataclasses import asdict, is_dataclass
+
+    from omegaconf import OmegaConf
+
+    return asdict(section) if is_dataclass(section) else OmegaConf.to_container(section, resolve=True)
+
+
 def synthetic_key(data) -> tuple | None:
     """The cache key of the embedded task's examples for a data config (the dataclass or a composed DictConfig):
     its settings but the form (both forms are the same examples) and the seed; None for other data sources. Plain
     values only, so a key survives JSON (``warm_synthetic``)."""
     if str(data.source) != "synthetic":
         return None
-    from dataclasses import asdict, is_dataclass
-
-    from omegaconf import OmegaConf
-
-    task = asdict(data.synthetic) if is_dataclass(data.synthetic) else OmegaConf.to_container(data.synthetic)
+    task = plain_settings(data.synthetic)
     plain = lambda v: v.value if hasattr(v, "value") else v  # noqa: E731  (enums as their values)
     settings = tuple(sorted((k, plain(v)) for k, v in task.items() if k != "form"))
     return settings, int(data.seed)
